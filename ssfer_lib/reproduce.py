@@ -11,9 +11,9 @@ from .core import Registry, atomic_write_text
 from .runner import run_notebook
 
 # %% auto #0
-__all__ = ['TABLES', 'PRESETS', 'RunSpec', 'Table', 'markdown_table', 'reproduce']
+__all__ = ['TABLES', 'PRESETS', 'RunSpec', 'Table', 'markdown_table', 'reproduce', 'common_params']
 
-# %% ../nbs/51_reproduce.ipynb #5d5f8650
+# %% ../nbs/51_reproduce.ipynb #cc294feb
 @dataclass(frozen=True)
 class RunSpec:
     "One experiment run: notebook name, parameters, and a stable run name."
@@ -32,9 +32,9 @@ class Table:
 TABLES = Registry('table')
 
 PRESETS = Registry('preset')
-PRESETS['smoke'] = dict(data='synthfaces', n_train=140, n_test=70, n_unlabeled=140, img_size=16, vit='test', epochs=2, batch_size=16)
-PRESETS['demo'] = dict(data='synthfaces', n_train=1400, n_test=700, n_unlabeled=2800, img_size=64, vit='demo', epochs=8, batch_size=32)
-PRESETS['paper'] = dict(data='rafdb', img_size=224, vit='paper', epochs=100, batch_size=32)
+PRESETS['smoke'] = dict(stage_preset='test')  # toy sizes: the whole chain in a few minutes (tests)
+PRESETS['demo'] = dict(stage_preset='demo')  # SynthFaces at demo scale on a 2-core CPU
+PRESETS['paper'] = dict(stage_preset='paper', data='rafdb')  # the paper's schedules; needs --data-root and GPUs
 
 # %% ../nbs/51_reproduce.ipynb #b5540ba6
 def markdown_table(rows: list[dict],  # one dict per row; keys are columns (first row fixes the order)
@@ -78,18 +78,21 @@ def reproduce(preset: str = 'demo',  # a name in PRESETS
     atomic_write_text(Path(root)/'tables'/f'{preset}.md', head + '\n'.join(out.values()))
     return out
 
-# %% ../nbs/51_reproduce.ipynb #516ef956
+# %% ../nbs/51_reproduce.ipynb #62423112
+def common_params(cfg: dict) -> dict:
+    "Parameters every experiment notebook takes from the reproduction preset."
+    return dict(preset=cfg['stage_preset']) | {k: cfg[k] for k in ('data', 'data_root') if cfg.get(k) is not None}
+
 def _demo_runs(cfg: dict) -> list[RunSpec]:
-    common = {k: cfg[k] for k in ('data', 'img_size', 'vit', 'epochs', 'batch_size') if k in cfg}
-    common |= {k: cfg[k] for k in ('n_train', 'n_test', 'n_unlabeled', 'data_root') if k in cfg}
-    return [RunSpec('finetune', f'{cfg["preset"]}-finetune-scratch-r{r:g}', common | dict(label_ratio=r, seed=0))
+    return [RunSpec('finetune', f'{cfg["preset"]}-finetune-none-scratch-r{r:g}',
+                    common_params(cfg) | dict(mix='none', init='scratch', split_kind='ratio', label_ratio=r, seed=0))
             for r in (0.1, 1.0)]
 
 def _demo_render(cfg: dict, results: dict) -> str:
     rows = []
     for r in _demo_runs(cfg):
         m = results[r.name]
-        rows.append({'labels': f'{r.params["label_ratio"]:.0%}', 'n labeled': m.get('n_labeled'),
+        rows.append({'labels': f'{r.params["label_ratio"]:.0%}', 'n labeled': m['n_labeled'], 'epochs': m['epochs'],
                      'acc (%)': 100 * m['test/acc'], 'macro-F1 (%)': 100 * m['test/macro_f1']})
     return markdown_table(rows)
 
