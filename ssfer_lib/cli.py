@@ -8,7 +8,7 @@ import argparse, json, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['build_parser', 'main']
+__all__ = ['BENCHMARKS', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c67cf5d9
 def _version(a):
@@ -33,7 +33,47 @@ def _reproduce(a):
     print('\n'.join(md.values()))
     print(f'tables written to {Path(a.root)/"tables"/(a.preset + ".md")}')
 
-# %% ../nbs/90_cli.ipynb #a1829625
+# %% ../nbs/90_cli.ipynb #80bd34ec
+def _data(a):
+    if a.action == 'synth':
+        from ssfer_lib.synthfaces import write_synthfaces
+        n = write_synthfaces(a.out, a.n_train, a.n_test, a.n_unlabeled, a.size, a.seed, label_noise=a.label_noise)
+        print(f'SynthFaces written to {a.out} (RAF-DB layout + boxes.csv): ' + ', '.join(f'{k} {v}' for k, v in n.items()))
+    else:
+        from ssfer_lib.data import check_dataset, format_report
+        print(format_report(check_dataset(a.name, a.data_root, decode=a.decode, **_params(a.opt))))
+
+def _split(a):
+    from ssfer_lib.datasets import make_dataset_split
+    df, path = make_dataset_split(a.name, a.data_root, a.kind, a.value, a.seed, root=a.root, **_params(a.opt))
+    print(f'{path}: {int(df["labeled"].sum())} labeled / {len(df)} images')
+
+def _boxes(a):
+    from ssfer_lib.data import read_dataset
+    from ssfer_lib import faceboxes as fb
+    samples = read_dataset(a.dataset, a.data_root, a.split, **_params(a.opt))
+    gt = [s.box for s in samples]
+    if a.dataset_or_action == 'train-yolo':
+        if any(b is None for b in gt): raise ValueError(f'{a.dataset} has images without ground-truth boxes: train-yolo needs boxes for all')
+        r = fb.train_yolo([s.path for s in samples], gt, a.out, epochs=a.epochs, imgsz=a.imgsz, seed=a.seed)
+        print(json.dumps(r, indent=2, default=str)); return
+    opts = {'yunet': {'model': a.model}, 'yolo': {'weights': a.model}}.get(a.provider, {})
+    if a.provider in ('yunet', 'yolo') and not a.model: raise ValueError(f'--provider {a.provider} needs --model (the ONNX file or .pt weights)')
+    if a.provider == 'gt' and any(b is None for b in gt): raise ValueError(f'{a.dataset} has no ground-truth boxes: choose --provider haar, yunet or yolo')
+    res = fb.compute_boxes([s.path for s in samples], [s.path for s in samples], a.dataset, a.provider, opts,
+                           gt=gt if a.provider == 'gt' else None, out_root=a.root)
+    print(json.dumps(res.summary(), indent=2, default=str))
+
+BENCHMARKS = {'mae': ('ssfer_lib.mae', 'bench_mae'), 'facemix': ('ssfer_lib.facemix', 'bench_facemix')}
+
+def _bench(a):
+    import importlib
+    for name in a.only or list(BENCHMARKS):
+        mod, fn = BENCHMARKS[name]
+        r = getattr(importlib.import_module(mod), fn)(out=str(Path(a.out)/f'{name}.json'))
+        print(f'{name}: ' + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))}, default=str))
+
+# %% ../nbs/90_cli.ipynb #fe690d4a
 def _add_run(p):
     p.add_argument('notebook', help='experiment notebook: a path or a name in nbs/experiments (e.g. finetune)')
     p.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='override a parameter (repeatable)')
@@ -53,16 +93,63 @@ def _add_reproduce(p):
     p.add_argument('--force', action='store_true', help='re-run finished runs')
     p.set_defaults(fn=_reproduce)
 
+def _add_data(p):
+    sub = p.add_subparsers(dest='action', required=True, metavar='ACTION')
+    q = sub.add_parser('synth', help='write SynthFaces to disk in the RAF-DB layout (+ boxes.csv)')
+    q.add_argument('--out', required=True, help='destination folder')
+    q.add_argument('--n-train', type=int, default=5000); q.add_argument('--n-test', type=int, default=1000)
+    q.add_argument('--n-unlabeled', type=int, default=10000); q.add_argument('--size', type=int, default=64, help='image side (px)')
+    q.add_argument('--seed', type=int, default=0); q.add_argument('--label-noise', type=float, default=0.0, help='fraction of train labels flipped')
+    q = sub.add_parser('check', help='validate a dataset layout and print counts per split and class')
+    q.add_argument('name', help='dataset: rafdb, ferplus, affectnet7, affectnet8, affwild2, adience, folder, imagefolder, synthfaces')
+    q.add_argument('--data-root', required=True, help='the dataset folder')
+    q.add_argument('--decode', action='store_true', help='fully decode every image (slower)')
+    q.add_argument('--opt', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='reader option, e.g. --opt mode majority --opt num_classes 7')
+    p.set_defaults(fn=_data)
+
+def _add_split(p):
+    p.add_argument('name', help='dataset name (see `ssfer data check --help`)')
+    p.add_argument('--data-root', required=True)
+    p.add_argument('--kind', required=True, choices=['ratio', 'per_class', 'total', 'kfold', 'noise'], help='how labels are chosen')
+    p.add_argument('--value', type=float, default=0, help='ratio (0.1), labels per class (10), total (400), folds (5) or noise rate (0.2)')
+    p.add_argument('--seed', type=int, default=0); p.add_argument('--root', default='outputs/splits', help='where split CSVs go')
+    p.add_argument('--opt', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='reader option')
+    p.set_defaults(fn=_split)
+
+def _add_boxes(p):
+    p.add_argument('dataset_or_action', metavar='DATASET', help="dataset whose training images get boxes, or 'train-yolo'")
+    p.add_argument('--dataset', help='with train-yolo: the dataset with ground-truth boxes (default synthfaces)')
+    p.add_argument('--data-root', required=True); p.add_argument('--split', default='train')
+    p.add_argument('--provider', default='haar', choices=['gt', 'haar', 'yunet', 'yolo'])
+    p.add_argument('--model', help='YuNet ONNX file or trusted YOLO .pt weights')
+    p.add_argument('--root', default='outputs/boxes', help='box cache folder')
+    p.add_argument('--out', default='outputs/yolo', help='train-yolo: dataset and runs folder')
+    p.add_argument('--epochs', type=int, default=30); p.add_argument('--imgsz', type=int, default=96); p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--opt', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='reader option')
+    def post(a):
+        a.dataset = (a.dataset or 'synthfaces') if a.dataset_or_action == 'train-yolo' else a.dataset_or_action
+        _boxes(a)
+    p.set_defaults(fn=post)
+
+def _add_bench(p):
+    p.add_argument('--only', nargs='+', choices=sorted(BENCHMARKS), help='run only these benchmarks')
+    p.add_argument('--out', default='outputs/bench', help='folder of the JSON results')
+    p.set_defaults(fn=_bench)
+
 def _add_version(p): p.set_defaults(fn=_version)
 
-# %% ../nbs/90_cli.ipynb #211fa0fd
+# %% ../nbs/90_cli.ipynb #c5dfb22a
 def build_parser() -> argparse.ArgumentParser:
     "The `ssfer` argument parser with every subcommand."
     ap = argparse.ArgumentParser(prog='ssfer', description='Semi-supervised facial expression recognition: SSFER, MSCL, DTM.')
     sub = ap.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name, help, add in [('version', 'print versions', _add_version),
                             ('run', 'run one experiment notebook with papermill', _add_run),
-                            ('reproduce', "run every experiment of the paper's tables and render them", _add_reproduce)]:
+                            ('reproduce', "run every experiment of the paper's tables and render them", _add_reproduce),
+                            ('data', 'write SynthFaces, or check a dataset layout', _add_data),
+                            ('split', 'draw and save a labeled/unlabeled split (reused by every stage)', _add_split),
+                            ('boxes', 'compute face boxes once per dataset (or train a YOLO face detector)', _add_boxes),
+                            ('bench', 'speed benchmarks into outputs/bench/', _add_bench)]:
         add(sub.add_parser(name, help=help, description=help))
     return ap
 

@@ -48,7 +48,7 @@ def markdown_table(rows: list[dict],  # one dict per row; keys are columns (firs
     lines += ['| ' + ' | '.join(fmt(r.get(c)) for c in cols) + ' |' for r in rows]
     return '\n'.join(lines)
 
-# %% ../nbs/51_reproduce.ipynb #614e89e2
+# %% ../nbs/51_reproduce.ipynb #b48c8b11
 def reproduce(preset: str = 'demo',  # a name in PRESETS
               tables: list[str] | None = None,  # subset of TABLES (default: all)
               root: str | Path = 'outputs',  # runs go to root/runs, tables to root/tables
@@ -57,7 +57,8 @@ def reproduce(preset: str = 'demo',  # a name in PRESETS
               log: Callable[[str], None] = print,
              ) -> dict[str, str]:
     "Run (or reuse) every run of the selected tables; render them to `root/tables/<preset>.md` (and one file per table)."
-    cfg = dict(PRESETS[preset]) | dict(overrides or {}) | dict(preset=preset)
+    import ssfer_lib.tables  # registers the paper's tables
+    cfg = dict(PRESETS[preset]) | dict(overrides or {}) | dict(preset=preset, root=str(root))
     names = tables or list(TABLES)
     todo: dict[str, RunSpec] = {}
     for t in names:
