@@ -28,10 +28,10 @@ def create_vit(model: str = 'vit_base_patch16_224',  # any timm `vit_*` name
     return timm.create_model(model, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
                              global_pool=global_pool, drop_path_rate=drop_path_rate, **kwargs)
 
-# %% ../nbs/20_vit.ipynb #d3a95cd0
+# %% ../nbs/20_vit.ipynb #6aa19654
 VIT_SIZES = {
     'paper': dict(model='vit_base_patch16_224', img_size=224),
-    'demo': dict(model='vit_tiny_patch16_224', img_size=64, patch_size=8, depth=6),
+    'demo': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4, depth=4, embed_dim=96, num_heads=3),
     'test': dict(model='vit_tiny_patch16_224', img_size=16, patch_size=4, depth=2, embed_dim=48, num_heads=3),
 }
 
