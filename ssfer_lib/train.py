@@ -89,7 +89,7 @@ def _autocast(device: torch.device, amp: bool):
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast('cuda', dtype=dtype)
 
-# %% ../nbs/30_train.ipynb #6e654567
+# %% ../nbs/30_train.ipynb #063d1dc0
 def fit(task: Task,  # the objective (holds the model(s))
         loader: Iterable,  # yields batches (dicts of tensors)
         *,
@@ -127,6 +127,8 @@ def fit(task: Task,  # the objective (holds the model(s))
         ck = load_checkpoint(ckpt_dir/'last.pt', model=task, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         start, step = ck['epoch'], ck['step']
         history, best = ck['extra'].get('history', []), ck['extra'].get('best', -math.inf)
+        if ck['extra'].get('loader_rng') is not None and getattr(loader, 'generator', None) is not None:
+            loader.generator.set_state(ck['extra']['loader_rng'])  # the shuffle continues where it stopped
     for epoch in range(start, epochs):
         if hasattr(getattr(loader, 'sampler', None), 'set_epoch'): loader.sampler.set_epoch(epoch)
         task.train()
@@ -167,8 +169,10 @@ def fit(task: Task,  # the objective (holds the model(s))
                 if log[select] > best:
                     best = log[select]
                     save_checkpoint(ckpt_dir/'best.pt', epoch=epoch + 1, step=step, model=task, extra=dict(best=best, log=log))
+            gen = getattr(loader, 'generator', None)  # a DataLoader's own shuffling generator, if any
             save_checkpoint(ckpt_dir/'last.pt', epoch=epoch + 1, step=step, model=task, optimizer=optimizer,
-                            scheduler=scheduler, scaler=scaler, extra=dict(history=history, best=best, **(extra or {})))
+                            scheduler=scheduler, scaler=scaler, extra=dict(history=history, best=best, **(extra or {}),
+                                                                           loader_rng=gen.get_state() if gen is not None else None))
             atomic_write_json(ckpt_dir/'history.json', history)
         if on_epoch_end is not None: on_epoch_end(epoch, log)
     return history
