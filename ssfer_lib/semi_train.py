@@ -73,7 +73,7 @@ class SemiConfig:
     device: str = 'auto'
     seed: int = 0
 
-# %% ../nbs/34_semi_train.ipynb #9a6431d3
+# %% ../nbs/34_semi_train.ipynb #49a43dbe
 SEMI_RECIPES = {
     'ema_teacher': {},
     'supervised': {},
@@ -83,7 +83,7 @@ SEMI_RECIPES = {
 }
 SEMI_PRESETS = {
     'paper': {},
-    'demo': dict(vit_size('demo'), n_train=1400, n_test=700, n_unlabeled=2800, epochs=10, steps_per_epoch=None,
+    'demo': dict(vit_size('demo'), n_train=1400, n_test=700, n_unlabeled=1400, epochs=6, steps_per_epoch=None,
                  batch_size=32, uratio=2, crop_scale=(0.5, 1.0)),
     'test': dict(vit_size('test'), n_train=140, n_test=70, n_unlabeled=0, split_kind='per_class', label_ratio=2,
                  epochs=2, steps_per_epoch=None, batch_size=8, uratio=2, crop_scale=(0.5, 1.0), split_root=None),
