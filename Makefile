@@ -29,11 +29,11 @@ demo: env  ## the main job: all three stages and every table on SynthFaces (CPU,
 	$(BIN)/ssfer reproduce --preset demo
 
 test: env  ## all tests: notebook examples (incl. slow cells) and pytest (incl. slow end-to-end)
-	$(BIN)/nbdev_test --flags slow --n_workers 2
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --flags slow --n_workers 2  # 2 notebooks at a time, 1 thread each
 	$(BIN)/python -m pytest -q
 
 test-fast: env  ## quick loop: notebook examples without slow cells, pytest without slow tests
-	$(BIN)/nbdev_test --n_workers 2
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: env  ## speed/memory benchmarks, results in outputs/bench/
