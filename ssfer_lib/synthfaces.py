@@ -14,22 +14,22 @@ import numpy as np
 __all__ = ['CLASSES', 'PARAMS', 'NEUTRAL', 'PROTOTYPES', 'SPLITS', 'identity', 'identity_range', 'draw_face', 'background',
            'synth_face', 'SynthFaces', 'box_iou', 'write_synthfaces']
 
-# %% ../nbs/11_synthfaces.ipynb #c3843b81
+# %% ../nbs/11_synthfaces.ipynb #c1ea31c5
 CLASSES = ('Surprise', 'Fear', 'Disgust', 'Happiness', 'Sadness', 'Anger', 'Neutral')
 PARAMS = ('brow_raise', 'brow_tilt', 'eye_open', 'mouth_curve', 'mouth_open', 'mouth_width', 'sneer')
 NEUTRAL = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0], np.float32)
 PROTOTYPES = np.array([
-    [1.0, 0.2, 1.6, 0.0, 1.0, 0.75, 0.0],     # Surprise: brows up, eyes wide, round open mouth
-    [0.6, 1.0, 1.5, -0.3, 0.5, 1.3, 0.0],     # Fear: brows up and together, eyes wide, stretched mouth
-    [-0.4, -0.3, 0.6, -0.4, 0.1, 0.9, 1.0],   # Disgust: brows down, eyes narrowed, upper lip raised on one side
-    [0.1, 0.0, 0.7, 1.0, 0.3, 1.3, 0.0],      # Happiness: smile, cheeks narrow the eyes
-    [-0.1, 1.0, 0.75, -0.8, 0.0, 0.9, 0.0],   # Sadness: inner brows up, mouth corners down
-    [-0.8, -1.0, 0.7, -0.2, 0.0, 0.85, 0.0],  # Anger: brows down and together, pressed mouth
+    [1.5, 0.0, 1.9, 0.0, 1.6, 0.6, 0.0],      # Surprise: brows high, eyes wide, round wide-open mouth
+    [0.8, 1.6, 1.6, -0.6, 0.4, 1.6, 0.0],     # Fear: brows up and together, eyes wide, stretched mouth
+    [-0.6, -0.3, 0.5, -0.6, 0.0, 0.9, 1.6],   # Disgust: brows down, eyes narrowed, upper lip raised on one side
+    [0.2, 0.0, 0.55, 1.6, 0.5, 1.5, 0.0],     # Happiness: broad smile, cheeks narrow the eyes
+    [-0.2, 1.6, 0.7, -1.5, 0.0, 0.8, 0.0],    # Sadness: inner brows up, mouth corners down
+    [-1.5, -1.6, 0.75, -0.3, 0.0, 0.7, 0.0],  # Anger: brows down and together, pressed narrow mouth
     NEUTRAL,                                  # Neutral
 ], np.float32)
 SPLITS = {'train': 0, 'test': 1, 'unlabeled': 2}
 
-# %% ../nbs/11_synthfaces.ipynb #4b20dfc7
+# %% ../nbs/11_synthfaces.ipynb #f292a2b2
 def identity(seed: int,  # dataset seed
              ident: int,  # identity number
             ) -> dict:
@@ -39,10 +39,10 @@ def identity(seed: int,  # dataset seed
     skin = np.array([90 + 150 * tone, 60 + 130 * tone, 45 + 110 * tone]) * r.uniform(0.9, 1.1, 3)
     return dict(
         skin=np.clip(skin, 0, 255), aspect=r.uniform(0.7, 0.9), eye_dx=r.uniform(0.16, 0.22), eye_y=r.uniform(-0.1, -0.02),
-        eye_size=r.uniform(0.9, 1.2), iris=r.uniform(0, 120, 3), brow_w=r.uniform(0.045, 0.07),
+        eye_size=r.uniform(0.95, 1.15), iris=r.uniform(0, 120, 3), brow_w=r.uniform(0.06, 0.08),
         mouth_y=r.uniform(0.22, 0.29), nose=r.uniform(0.08, 0.14), hair=int(r.integers(0, 4)),
         hair_col=r.uniform(10, 200) * np.array([1.0, 0.8, 0.6]) * r.uniform(0.7, 1.2, 3),
-        bias=(r.normal(0, 0.12, len(PARAMS)) * np.array([1, 1, 0.5, 1, 0.5, 0.5, 0.5])).astype(np.float32))
+        bias=(r.normal(0, 0.06, len(PARAMS)) * np.array([1, 1, 0.5, 1, 0.5, 0.5, 0.5])).astype(np.float32))
 
 def identity_range(split: str,  # 'train', 'test' or 'unlabeled'
                    n_identities: int,  # identities per labeled split
@@ -52,7 +52,7 @@ def identity_range(split: str,  # 'train', 'test' or 'unlabeled'
     return {'train': (0, n_identities), 'test': (n_identities, 2 * n_identities),
             'unlabeled': (2 * n_identities, 12 * n_identities)}[split]
 
-# %% ../nbs/11_synthfaces.ipynb #283a90a4
+# %% ../nbs/11_synthfaces.ipynb #037caac6
 _T = np.linspace(0, 2 * np.pi, 20, endpoint=False)
 _CIRCLE = np.stack([np.cos(_T), np.sin(_T)], 1).astype(np.float32)  # [20, 2] unit circle
 _SHIFT = 4  # sub-pixel bits of cv2.fillPoly
@@ -89,41 +89,41 @@ def draw_face(img: np.ndarray,  # [H, W, 3] uint8 canvas, drawn on in place
     br, bt, eo, mc, mo, mw, sn = (float(v) for v in e)
     ey, ex, es, w = idt['eye_y'], idt['eye_dx'], idt['eye_size'], idt['brow_w']
     for s in (-1, 1):
-        h = max(0.01, 0.055 * es * eo)  # eye opening
-        _poly(img, _ellipse(s * ex, ey, 0.09 * es, h), (235, 235, 230), M)
-        if h > 0.018: _poly(img, _ellipse(s * ex, ey, 0.04 * es, min(0.04 * es, h)), idt['iris'], M)
-        else: _poly(img, _ellipse(s * ex, ey, 0.09 * es, 0.012), dark, M)
-        yb = ey - 0.12 - 0.07 * br  # brow height; tilt raises the inner end
-        yi, yo, xi, xo = yb - 0.06 * bt, yb + 0.015 * bt, s * (ex - 0.09), s * (ex + 0.11)
-        _poly(img, np.array([[xi, yi - w / 2], [xo, yo - w / 2], [xo, yo + w / 2], [xi, yi + w / 2]], np.float32), idt['hair_col'] * 0.3, M)
+        h = max(0.01, 0.07 * es * eo)  # eye opening
+        _poly(img, _ellipse(s * ex, ey, 0.11 * es, h), (235, 235, 230), M)
+        if h > 0.025: _poly(img, _ellipse(s * ex, ey, 0.045 * es, min(0.045 * es, h)), idt['iris'], M)
+        else: _poly(img, _ellipse(s * ex, ey, 0.1 * es, 0.015), dark, M)
+        yb = ey - 0.13 - 0.085 * br  # brow height; tilt raises the inner end
+        yi, yo, xi, xo = yb - 0.07 * bt, yb + 0.025 * bt, s * (ex - 0.1), s * (ex + 0.12)
+        _poly(img, np.array([[xi, yi - w / 2], [xo, yo - w / 2], [xo, yo + w / 2], [xi, yi + w / 2]], np.float32), (30, 22, 18), M)
     n = idt['nose']
     _poly(img, np.array([[0, ey + 0.03], [0.035, ey + 0.03 + n], [-0.035, ey + 0.03 + n]], np.float32), idt['skin'] * 0.8, M)
     if sn > 0.3:  # nose wrinkles
         for yy in (ey + 0.04, ey + 0.065):
-            _poly(img, np.array([[-0.04, yy], [0.04, yy], [0.04, yy + 0.008 * sn], [-0.04, yy + 0.008 * sn]], np.float32), idt['skin'] * 0.6, M)
-    my, hw = idt['mouth_y'], 0.15 * max(mw, 0.3)  # lips: corners lifted by curve, opened by mouth_open, one side raised by sneer
-    up = _curve(-hw, hw, my - 0.08 * mc, my - 0.015 - 0.07 * mo)
+            _poly(img, np.array([[-0.06, yy], [0.06, yy], [0.06, yy + 0.01 * sn], [-0.06, yy + 0.01 * sn]], np.float32), idt['skin'] * 0.45, M)
+    my, hw = idt['mouth_y'], 0.17 * max(mw, 0.3)  # lips: corners lifted by curve, opened by mouth_open, one side raised by sneer
+    up = _curve(-hw, hw, my - 0.08 * mc, my - 0.015 - 0.06 * mo)
     up[:, 1] -= 0.06 * sn * np.clip(up[:, 0] / hw, 0, 1)
-    lo = _curve(-hw, hw, my - 0.08 * mc, my + 0.015 + 0.11 * max(mo, 0) + 0.04 * max(mc, 0))[::-1]
-    _poly(img, np.concatenate([up, lo]), (70, 20, 30) if mo > 0.15 else (140, 50, 60), M)
+    lo = _curve(-hw, hw, my - 0.08 * mc, my + 0.015 + 0.09 * max(mo, 0) + 0.03 * max(mc, 0))[::-1]
+    _poly(img, np.concatenate([up, lo]), (50, 10, 20) if mo > 0.15 else (120, 30, 45), M)
     if mo > 0.15 and mc > 0.4:  # teeth of an open smile
         _poly(img, np.concatenate([up, up[::-1] + np.array([0, 0.025], np.float32)]), (240, 240, 240), M)
     return np.concatenate([face.min(0), face.max(0)]).astype(np.float32)
 
-# %% ../nbs/11_synthfaces.ipynb #8f075e94
+# %% ../nbs/11_synthfaces.ipynb #00cf9dfa
 def background(r: np.random.Generator,  # random stream of the image
                size: int,  # image side in pixels
               ) -> np.ndarray:
     "A cluttered `[size, size, 3]` uint8 background."
-    img = np.empty((size, size, 3), np.uint8); img[:] = r.uniform(30, 220, 3).astype(np.uint8)
+    base = r.uniform(40, 210, 3); img = np.empty((size, size, 3), np.uint8); img[:] = base.astype(np.uint8)
     for _ in range(int(r.integers(2, 7))):
-        c, k, p = tuple(float(v) for v in r.uniform(0, 255, 3)), int(r.integers(0, 3)), (r.uniform(-0.1, 1.1, 4) * size).astype(int)
+        c, k, p = tuple(float(v) for v in np.clip(base + r.uniform(-50, 50, 3), 0, 255)), int(r.integers(0, 3)), (r.uniform(-0.1, 1.1, 4) * size).astype(int)
         if k == 0: cv2.rectangle(img, (p[0], p[1]), (p[2], p[3]), c, -1)
         elif k == 1: cv2.circle(img, (p[0], p[1]), abs(p[2] - p[0]) // 3 + 1, c, -1, cv2.LINE_AA)
         else: cv2.line(img, (p[0], p[1]), (p[2], p[3]), c, int(r.integers(1, max(2, size // 16))), cv2.LINE_AA)
     return img
 
-# %% ../nbs/11_synthfaces.ipynb #5a738cf1
+# %% ../nbs/11_synthfaces.ipynb #ffeb6ce1
 @lru_cache(maxsize=8)
 def _noise(size: int) -> np.ndarray:
     "A fixed `[2·size, 2·size]` standard-normal field; each image adds a window of it (cheaper than fresh noise)."
@@ -143,10 +143,10 @@ def synth_face(index: int,  # image number within the split
     label = index % len(CLASSES)  # balanced classes in every prefix of a split, even tiny test sets
     ident = int(r.integers(lo, hi))
     idt = identity(seed, ident)
-    t = float(np.clip(r.beta(2.5, 1.5), 0.1, 1.0))
-    e = NEUTRAL + t * (PROTOTYPES[label] - NEUTRAL) + idt['bias'] + r.normal(0, 0.08, len(PARAMS)).astype(np.float32)
+    t = float(np.clip(r.beta(5, 1.5), 0.15, 1.0))
+    e = NEUTRAL + t * (PROTOTYPES[label] - NEUTRAL) + idt['bias'] + r.normal(0, 0.04, len(PARAMS)).astype(np.float32)
     img = background(r, size)
-    if r.random() < 0.75: s, (cx, cy) = r.uniform(0.7, 1.0) * size, r.uniform(0.4, 0.6, 2) * size  # a loosely cropped face
+    if r.random() < 0.9: s, (cx, cy) = r.uniform(0.8, 1.05) * size, r.uniform(0.4, 0.6, 2) * size  # a loosely cropped face
     else: s, (cx, cy) = r.uniform(0.35, 0.7) * size, r.uniform(0.25, 0.75, 2) * size  # a small face anywhere
     ang = np.deg2rad(r.normal(0, 8))
     M = np.array([[np.cos(ang) * s, -np.sin(ang) * s, cx], [np.sin(ang) * s, np.cos(ang) * s, cy]], np.float32)
@@ -154,7 +154,7 @@ def synth_face(index: int,  # image number within the split
     g, phi = r.uniform(0.0, 0.6), r.uniform(0, 2 * np.pi)  # illumination: gain with a linear gradient, then noise
     ramp, k = np.linspace(-0.5, 0.5, size, dtype=np.float32), r.uniform(0.6, 1.3)
     gain = k + (k * g * np.cos(phi)) * ramp[None, :] + (k * g * np.sin(phi)) * ramp[:, None]  # [H, W]
-    (ox, oy), sigma = r.integers(0, size, 2), r.uniform(2, 8)
+    (ox, oy), sigma = r.integers(0, size, 2), r.uniform(2, 6)
     out = img.astype(np.float32); out *= gain[..., None]
     out += sigma * _noise(size)[oy:oy + size, ox:ox + size, None]  # a window of a fixed noise field: fast, still seeded
     noisy = label
