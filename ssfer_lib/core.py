@@ -17,14 +17,17 @@ __all__ = ['PACKAGES', 'Registry', 'seed_everything', 'seed_worker', 'get_device
            'provenance', 'finish_provenance', 'run_dir', 'ResultExistsError', 'write_metrics', 'read_metrics',
            'load_weights', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'file_hash', 'text_hash']
 
-# %% ../nbs/00_core.ipynb #a0639891
+# %% ../nbs/00_core.ipynb #b7f8f0df
 class Registry(dict):
     "A name → factory mapping filled with the `@REG.register(name)` decorator."
     def __init__(self, kind: str): super().__init__(); self.kind = kind
     def register(self, name: str | None = None) -> Callable:
         def deco(fn):
             key = name or fn.__name__
-            if key in self: raise KeyError(f'{self.kind} {key!r} is already registered')
+            old = dict.get(self, key)
+            # re-defining the same object (a re-run notebook cell, or the module imported after its notebook ran) replaces it
+            if old is not None and getattr(old, '__qualname__', None) != getattr(fn, '__qualname__', None):
+                raise KeyError(f'{self.kind} {key!r} is already registered (to {old!r})')
             self[key] = fn
             return fn
         return deco
