@@ -15,7 +15,7 @@ export PYTHONHASHSEED ?= 0
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
 
-$(STAMP): requirements.txt
+$(STAMP):  # its name holds the hash of requirements.txt: exists = up to date (mtimes of a fresh clone mean nothing)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q -r requirements.txt
