@@ -22,7 +22,7 @@ $(STAMP):  # its name holds the hash of requirements.txt: exists = up to date (m
 	@rm -f $(VENV)/.ssfer-env-*; touch $@
 
 env: $(STAMP)  ## create/refresh the virtualenv and install this checkout (editable)
-	@$(BIN)/python -c "import pathlib, ssfer_lib, sys; sys.exit(pathlib.Path(ssfer_lib.__file__).resolve().parent != pathlib.Path('ssfer_lib').resolve())" 2>/dev/null \
+	@$(BIN)/python -P -c "import pathlib, ssfer_lib, sys; sys.exit(pathlib.Path(ssfer_lib.__file__).resolve().parent != pathlib.Path('ssfer_lib').resolve())" 2>/dev/null \
 	  || $(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 
 demo: env  ## the main job: all three stages and every table on SynthFaces (CPU, no downloads)
