@@ -187,9 +187,10 @@ def encode(model: nn.Module,  # a timm ViT classifier (`create_vit`)
     r = model.forward_head(model.forward_features(x), pre_logits=True)
     return r, model.get_classifier()(r)
 
-# %% ../nbs/24_mscl.ipynb #9130c5f6
+# %% ../nbs/24_mscl.ipynb #529e4e0c
 class MixedViews(Task):
     "MIMIC's classification branch: two views → Mixup/CutMix → one forward → soft-target CE; exposes r for MSCL."
+    two_views = True  # the driver wraps its dataset as `TwoViews(ds, ds)` (one-view batches also work: B samples)
     def __init__(self, model: nn.Module,  # timm ViT classifier
                  num_classes: int,  # K
                  mixup_alpha: float = 2.0,  # Beta(α, α) for Mixup (Eq. 9)
@@ -219,7 +220,7 @@ class MixedViews(Task):
         return dict(loss=soft_cross_entropy(logits, soft).mean(), mix_lam=lam, cutmix=float(mode == 'cutmix'),
                     features=r, soft_labels=soft, anchor_labels=anchor)
 
-# %% ../nbs/24_mscl.ipynb #2bd6b851
+# %% ../nbs/24_mscl.ipynb #de8ccbc1
 class MSCLTask(Task):
     "L = L_cls + λ·L_con (Eq. 14): the base task's loss plus a contrastive loss on the features of its own forward."
     def __init__(self, base: Task,  # returns loss, `features`, `soft_labels` (opt. `anchor_labels`): MixedViews, FaceMix…
@@ -253,6 +254,8 @@ class MSCLTask(Task):
     def after_step(self, step: int) -> None: self.base.after_step(step)
     def after_epoch(self, epoch: int) -> dict: return self.base.after_epoch(epoch)
     def eval_models(self) -> dict[str, nn.Module]: return self.base.eval_models()
+    @property
+    def two_views(self) -> bool: return self.base.two_views
 
 # %% ../nbs/24_mscl.ipynb #7bf40215
 class FaceMixViews(FaceMixTask):
@@ -379,21 +382,16 @@ def build_mscl_task(cfg: MSCLConfig,  # settings (`method` picks the task)
     if positives is None: return base
     return MSCLTask(base, projection_head(cfg.proj, model.num_features, cfg.proj_dim), cfg.lam, positives, cfg.t, cfg.tau, cfg.norm)
 
-# %% ../nbs/24_mscl.ipynb #56be9ffb
+# %% ../nbs/24_mscl.ipynb #6e26b9c9
 def mscl_optimizer(task: Task,  # any task with `.model` (the ViT) and possibly other trainable parts
                    lr: float = 1e-4, weight_decay: float = 5e-4,
                    layer_decay: float | None = 0.65,  # None: one learning rate
                    betas: tuple[float, float] = (0.9, 0.999),
                   ) -> torch.optim.Optimizer:
     "AdamW with layer decay on `task.model`, plus the task's other parameters (projection head) at the full lr."
-    opt = build_optimizer(task.model, lr=lr, weight_decay=weight_decay, opt='adamw', betas=betas, layer_decay=layer_decay)
-    inside = {id(q) for q in task.model.parameters()}
-    rest = [q for q in task.parameters() if id(q) not in inside and q.requires_grad]
-    for decay, qs in ((weight_decay, [q for q in rest if q.ndim > 1]), (0.0, [q for q in rest if q.ndim <= 1])):
-        if qs: opt.add_param_group(dict(params=qs, weight_decay=decay, lr=lr, lr_scale=1.0))
-    return opt
+    return build_optimizer(task.model, lr=lr, weight_decay=weight_decay, opt='adamw', betas=betas, layer_decay=layer_decay, task=task)
 
-# %% ../nbs/24_mscl.ipynb #7ec91c2f
+# %% ../nbs/24_mscl.ipynb #c13ec660
 def fit_mscl(cfg: MSCLConfig,  # settings
              train_ds,  # augmenting dataset of dicts (`image`, `label`, `box`); or one already giving dict(weak, strong)
              test_loader,  # yields test batches (`image`, `label`)
@@ -411,10 +409,10 @@ def fit_mscl(cfg: MSCLConfig,  # settings
         from ssfer_lib.dtm import BalancedSampler
         if labels is None: raise ValueError('balanced_sampler=True needs the training `labels`')
         sampler = BalancedSampler(labels, generator=g)
-    two = METHODS[cfg.method][0] == 'views' and 'weak' not in train_ds[0]
+    task = build_mscl_task(cfg, model)
+    two = task.two_views and 'weak' not in train_ds[0]
     loader = torch.utils.data.DataLoader(TwoViews(train_ds, train_ds) if two else train_ds, batch_size=cfg.batch_size,
                                          shuffle=sampler is None, sampler=sampler, drop_last=True, generator=g)
-    task = build_mscl_task(cfg, model)
     opt = mscl_optimizer(task, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     sched = build_scheduler(opt, cfg.epochs, len(loader), cfg.warmup_epochs, cfg.min_lr, warmup_lr=cfg.min_lr)
     device = get_device(cfg.device)

@@ -17,9 +17,10 @@ from .core import atomic_write_json, get_device, is_main_process, load_checkpoin
 # %% auto #0
 __all__ = ['Task', 'Supervised', 'build_optimizer', 'build_scheduler', 'to_device', 'fit', 'submodule_state']
 
-# %% ../nbs/30_train.ipynb #dc0073ec
+# %% ../nbs/30_train.ipynb #fe760d84
 class Task(nn.Module):
     "Base of training objectives: `forward(batch) -> dict(loss=..., **scalars)`; hooks default to no-ops."
+    two_views: bool = False  # True: batches must be dict(weak=…, strong=…), two augmentations of the same images
     def after_step(self, step: int) -> None:
         "Called after every optimizer step (`step` counts steps done)."
     def after_epoch(self, epoch: int) -> dict:
@@ -39,18 +40,25 @@ class Supervised(Task):
         loss = F.cross_entropy(logits, batch['label'], label_smoothing=self.label_smoothing)
         return dict(loss=loss, acc=(logits.argmax(1) == batch['label']).float().mean())
 
-# %% ../nbs/30_train.ipynb #5d29728b
+# %% ../nbs/30_train.ipynb #298c39d7
 def build_optimizer(model: nn.Module,  # the module whose parameters train (the student, not a teacher)
                     lr: float,  # peak learning rate
                     weight_decay: float = 0.05,
                     opt: str = 'adamw',  # any timm optimizer name ('adamw', 'adam', 'sgd', ...)
                     betas: tuple[float, float] = (0.9, 0.999),
                     layer_decay: float | None = None,  # layer-wise lr decay (ViT), e.g. 0.65
+                    task: nn.Module | None = None,  # the task holding `model`: its other trainable parts (a projection head) train too
                    ) -> torch.optim.Optimizer:
-    "A timm optimizer with decay-free norms/biases and optional layer-wise lr decay."
+    "A timm optimizer with decay-free norms/biases and optional layer-wise lr decay; a task's extra parameters at the full lr."
     from timm.optim import create_optimizer_v2
     kw = dict(betas=tuple(betas)) if opt.lower() in ('adamw', 'adam') else {}
-    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **kw)
+    o = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **kw)
+    if task is not None:
+        inside = {id(q) for q in model.parameters()}
+        rest = [q for q in task.parameters() if id(q) not in inside and q.requires_grad]
+        for decay, qs in ((weight_decay, [q for q in rest if q.ndim > 1]), (0.0, [q for q in rest if q.ndim <= 1])):
+            if qs: o.add_param_group(dict(params=qs, weight_decay=decay, lr=lr, lr_scale=1.0))
+    return o
 
 def build_scheduler(optimizer: torch.optim.Optimizer,
                     epochs: int,  # total epochs (warm-up included)
@@ -66,7 +74,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer,
     return CosineLRScheduler(optimizer, t_initial=total - warm, lr_min=min_lr, warmup_t=warm,
                              warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False)
 
-# %% ../nbs/30_train.ipynb #17e73041
+# %% ../nbs/30_train.ipynb #a2fd4be8
 def to_device(batch: Any, device: torch.device) -> Any:
     "Move every tensor of a (nested) batch to `device`."
     if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
@@ -89,7 +97,7 @@ def _autocast(device: torch.device, amp: bool):
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast('cuda', dtype=dtype)
 
-# %% ../nbs/30_train.ipynb #063d1dc0
+# %% ../nbs/30_train.ipynb #a43e875e
 def fit(task: Task,  # the objective (holds the model(s))
         loader: Iterable,  # yields batches (dicts of tensors)
         *,
@@ -177,7 +185,7 @@ def fit(task: Task,  # the objective (holds the model(s))
         if on_epoch_end is not None: on_epoch_end(epoch, log)
     return history
 
-# %% ../nbs/30_train.ipynb #658329b2
+# %% ../nbs/30_train.ipynb #ec236c1b
 def submodule_state(state: dict,  # a task's state dict (e.g. `load_weights('best.pt')['model']`)
                     prefix: str = 'model.',  # the submodule's attribute name plus a dot
                    ) -> dict:
