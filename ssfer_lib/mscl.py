@@ -284,11 +284,11 @@ def _facemix_mscl(model, num_classes, alpha=1.0, kappa='iou', loss='L4', label_s
 for _name, _fn in (('mscl', _mix_mscl), ('facemix+mscl', _facemix_mscl)):
     if _name not in MIX_TASKS: MIX_TASKS.register(_name)(_fn)  # idempotent when the module is re-run
 
-# %% ../nbs/24_mscl.ipynb #7420570e
+# %% ../nbs/24_mscl.ipynb #b0c63f3b
 @dataclass
 class MSCLConfig:
     "MIMIC fine-tuning settings; defaults are the paper's RAF-DB recipe."
-    data: str = 'rafdb'  # 'rafdb', 'ferplus', 'affectnet' (defaults of DATA_DEFAULTS) or 'synthfaces'
+    data: str = 'rafdb'  # 'rafdb', 'ferplus', 'affectnet7', 'affectnet8' (real readers; DATA_DEFAULTS) or 'synthfaces'
     data_root: str | None = None  # root of a real data set
     num_classes: int = 7  # 7 (RAF-DB, AffectNet-7) or 8 (FERPlus)
     n_train: int = 2000  # SynthFaces training images
@@ -333,7 +333,8 @@ class MSCLConfig:
     seed: int = 0
 
 DATA_DEFAULTS = {'rafdb': {}, 'ferplus': dict(num_classes=8, proj_dim=512),
-                 'affectnet': dict(epochs=10, balanced_sampler=True), 'synthfaces': {}}
+                 'affectnet7': dict(epochs=10, balanced_sampler=True),
+                 'affectnet8': dict(num_classes=8, epochs=10, balanced_sampler=True), 'synthfaces': {}}
 MSCL_PRESETS = {
     'paper': {},
     'demo': dict(data='synthfaces', n_train=1400, n_test=700, img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2,

@@ -72,11 +72,21 @@ class ViewBank(Dataset):
         "The same bank, giving two views or one."
         return ViewBank(None, self.copies, self.seed, two, self.items)
 
-# %% ../nbs/24a_mscl_runs.ipynb #9cdf1cd3
+# %% ../nbs/24a_mscl_runs.ipynb #f722f240
+def _real_data(cfg: MSCLConfig) -> dict:
+    from ssfer_lib.datasets import build_datasets
+    if not cfg.data_root: raise ValueError(f'data={cfg.data!r} needs data_root (the data set folder)')
+    opts = dict(num_classes=cfg.num_classes) if cfg.data == 'ferplus' else {}
+    d = build_datasets(cfg.data, cfg.data_root, size=cfg.img_size, crop_scale=tuple(cfg.crop_scale), **opts)
+    if len(d['classes']) != cfg.num_classes:
+        raise ValueError(f'num_classes={cfg.num_classes} but {cfg.data} has {len(d["classes"])} classes: {", ".join(d["classes"])}')
+    train = d['train'].subset(None, VIEWS[cfg.view](cfg.img_size, tuple(cfg.crop_scale)))
+    if cfg.view_bank: train = ViewBank(train, cfg.view_bank, cfg.seed)
+    return dict(train=train, test=d['test'], labels=d['train'].labels, classes=list(d['classes']))
+
 def mscl_data(cfg: MSCLConfig) -> dict:
     "dict(train, test, labels, classes) for a config (train: a ViewBank when `cfg.view_bank` > 0)."
-    if cfg.data != 'synthfaces':
-        raise NotImplementedError(f'data={cfg.data!r}: only synthfaces is wired so far (real data sets need the data layer builder)')
+    if cfg.data != 'synthfaces': return _real_data(cfg)
     src = 2 * cfg.img_size if cfg.align else cfg.img_size  # render larger, then crop: the face keeps its detail
     d = synth_datasets(size=src, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed, crop_scale=tuple(cfg.crop_scale))
     view = VIEWS[cfg.view](cfg.img_size, tuple(cfg.crop_scale))
