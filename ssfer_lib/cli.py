@@ -73,13 +73,13 @@ def _bench(a):
         r = getattr(importlib.import_module(mod), fn)(out=str(Path(a.out)/f'{name}.json'))
         print(f'{name}: ' + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))}, default=str))
 
-# %% ../nbs/90_cli.ipynb #fe690d4a
+# %% ../nbs/90_cli.ipynb #2183d2ed
 def _add_run(p):
     p.add_argument('notebook', help='experiment notebook: a path or a name in nbs/experiments (e.g. finetune)')
     p.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='override a parameter (repeatable)')
     p.add_argument('--name', help='run name (default: notebook + parameter hash)')
     p.add_argument('--root', default='outputs/runs', help='folder of run directories')
-    p.add_argument('--force', action='store_true', help='re-run a finished run (its old metrics.json is kept as metrics.previous.json)')
+    p.add_argument('--force', action='store_true', help='run again from scratch (old metrics and checkpoints are kept as *.previous.*)')
     p.add_argument('-v', '--verbose', action='store_true', help="stream the notebook's output")
     p.set_defaults(fn=_run)
 
@@ -90,7 +90,7 @@ def _add_reproduce(p):
     p.add_argument('--root', default='outputs', help='runs go to ROOT/runs, tables to ROOT/tables')
     p.add_argument('--data-root', help='dataset root for real-data presets')
     p.add_argument('--set', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='change a preset value (repeatable)')
-    p.add_argument('--force', action='store_true', help='re-run finished runs')
+    p.add_argument('--force', action='store_true', help='re-run every run from scratch (old results kept as *.previous.*)')
     p.set_defaults(fn=_reproduce)
 
 def _add_data(p):

@@ -11,7 +11,7 @@ import yaml
 from .core import ResultExistsError, atomic_write_json, read_metrics, run_dir, text_hash
 
 # %% auto #0
-__all__ = ['EXPERIMENTS_DIR', 'find_notebook', 'notebook_parameters', 'parse_value', 'run_name', 'run_notebook']
+__all__ = ['EXPERIMENTS_DIR', 'RESULT_FILES', 'find_notebook', 'notebook_parameters', 'parse_value', 'run_name', 'run_notebook']
 
 # %% ../nbs/50_runner.ipynb #82e89662
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent/'nbs'/'experiments' if '__file__' in globals() else Path('experiments').resolve()
@@ -52,13 +52,28 @@ def run_name(notebook: str | Path, params: dict) -> str:
     "A default run name: notebook stem + a hash of the parameters."
     return f'{Path(notebook).stem}-{text_hash(json.dumps(params, sort_keys=True, default=str), 8)}'
 
-# %% ../nbs/50_runner.ipynb #f1918c47
+# %% ../nbs/50_runner.ipynb #adaffe63
+RESULT_FILES = ('metrics.json', 'history.json', 'last.pt', 'best.pt')
+
+def _changed_params(out: Path, params: dict) -> str:
+    "'' when `out` is new or was started with `params`, else the differences as 'key: old → new, …'."
+    if not (out/'run.json').exists(): return ''
+    canon = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))  # as stored (tuples → lists)
+    old, new = canon(json.loads((out/'run.json').read_text()).get('params', {})), canon(params)
+    return ', '.join(f'{k}: {old.get(k)!r} → {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+
+def _set_aside(out: Path) -> None:
+    "Rename a run's results and checkpoints to `*.previous.*` (replacing older previous ones), so a re-run starts fresh."
+    for f in RESULT_FILES:
+        if (out/f).exists(): (out/f).replace(out/f.replace('.', '.previous.', 1))
+
+# %% ../nbs/50_runner.ipynb #9973148e
 def run_notebook(notebook: str | Path,  # experiment notebook (path or name in nbs/experiments)
                  params: dict | None = None,  # parameter overrides (must exist in the parameters cell)
                  name: str | None = None,  # run name (default: notebook stem + parameter hash)
                  root: str | Path = 'outputs/runs',  # where run directories go
-                 force: bool = False,  # re-run even if the run already finished (its metrics are replaced)
-                 skip_finished: bool = False,  # return a finished run's metrics instead of raising
+                 force: bool = False,  # run again from scratch (old results and checkpoints kept as *.previous.*)
+                 skip_finished: bool = False,  # return a finished run's metrics instead of raising (same parameters only)
                  cwd: str | Path | None = None,  # working directory of the kernel (default: current)
                  log_output: bool = False,  # stream cell output to the terminal
                 ) -> dict:
@@ -71,11 +86,14 @@ def run_notebook(notebook: str | Path,  # experiment notebook (path or name in n
     if unknown: raise KeyError(f'unknown parameter {unknown[0]!r} for {nb.name}; its parameters: {", ".join(known)}')
     name = name or run_name(nb, params)
     out = run_dir(name, root)
-    if (out/'metrics.json').exists() and not force:
-        if skip_finished: return read_metrics(out)
-        raise ResultExistsError(f'run {out} already finished (metrics.json exists); use --force to run it again')
-    if force and (out/'metrics.json').exists():
-        (out/'metrics.json').replace(out/'metrics.previous.json')  # kept, not lost
+    if force: _set_aside(out)
+    else:
+        diff = _changed_params(out, params)
+        if diff: raise ResultExistsError(f'run {out} was started with other parameters ({diff}); use --force to run it '
+                                         'again (its results are kept as *.previous.*) or choose another run name')
+        if (out/'metrics.json').exists():
+            if skip_finished: return read_metrics(out)
+            raise ResultExistsError(f'run {out} already finished (metrics.json exists); use --force to run it again')
     atomic_write_json(out/'run.json', dict(notebook=str(nb), params=params, name=name, started=time.time()))
     try:
         pm.execute_notebook(str(nb), str(out/nb.name), parameters=params | {'out_dir': str(out.resolve())},
