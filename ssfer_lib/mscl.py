@@ -284,7 +284,7 @@ def _facemix_mscl(model, num_classes, alpha=1.0, kappa='iou', loss='L4', label_s
 for _name, _fn in (('mscl', _mix_mscl), ('facemix+mscl', _facemix_mscl)):
     if _name not in MIX_TASKS: MIX_TASKS.register(_name)(_fn)  # idempotent when the module is re-run
 
-# %% ../nbs/24_mscl.ipynb #b0c63f3b
+# %% ../nbs/24_mscl.ipynb #320a26a0
 @dataclass
 class MSCLConfig:
     "MIMIC fine-tuning settings; defaults are the paper's RAF-DB recipe."
@@ -337,12 +337,12 @@ DATA_DEFAULTS = {'rafdb': {}, 'ferplus': dict(num_classes=8, proj_dim=512),
                  'affectnet8': dict(num_classes=8, epochs=10, balanced_sampler=True), 'synthfaces': {}}
 MSCL_PRESETS = {
     'paper': {},
-    'demo': dict(data='synthfaces', n_train=1400, n_test=700, img_size=32, patch_size=8, depth=3, embed_dim=64, num_heads=2,
-                 view='weak', crop_scale=(0.5, 1.0), view_bank=6, drop_path_rate=0.0, lr=1e-3, layer_decay=None,
-                 batch_size=32, epochs=10, warmup_epochs=1, min_lr=1e-5),
-    'test': dict(data='synthfaces', n_train=140, n_test=70, img_size=16, patch_size=4, depth=2, embed_dim=48, num_heads=3,
-                 view='weak', crop_scale=(0.5, 1.0), drop_path_rate=0.0, proj_dim=16, lr=1e-3, layer_decay=None,
-                 batch_size=16, epochs=2, warmup_epochs=1, min_lr=1e-5),
+    'demo': dict(vit_size('demo'), data='synthfaces', n_train=1400, n_test=700, view='weak', crop_scale=(0.5, 1.0),
+                 view_bank=6, drop_path_rate=0.0, lr=1e-3, layer_decay=None, batch_size=32, epochs=20, warmup_epochs=1,
+                 min_lr=1e-5),
+    'test': dict(vit_size('test'), data='synthfaces', n_train=140, n_test=70, view='weak', crop_scale=(0.5, 1.0),
+                 drop_path_rate=0.0, proj_dim=16, lr=1e-3, layer_decay=None, batch_size=16, epochs=2, warmup_epochs=1,
+                 min_lr=1e-5),
 }
 
 def mscl_config(preset: str = 'paper',  # 'paper', 'demo' or 'test'

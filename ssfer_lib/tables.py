@@ -8,7 +8,8 @@ from pathlib import Path
 from .reproduce import TABLES, RunSpec, Table, common_params, markdown_table
 
 # %% auto #0
-__all__ = ['SPLITS', 'SEMI_ALGORITHMS', 'runs_dir', 'pretrain_run', 'mae_encoder', 'finetune_run', 'semi_run', 'pct', 'acc_row']
+__all__ = ['SPLITS', 'SEMI_ALGORITHMS', 'MSCL_ROWS', 'MSCL_SEEDED', 'runs_dir', 'pretrain_run', 'mae_encoder', 'finetune_run',
+           'semi_run', 'pct', 'acc_row', 'mscl_init', 'mscl_run', 'mean_sd']
 
 # %% ../nbs/52_tables.ipynb #03dac475
 SPLITS = {'r0.1': ('ratio', 0.1), 'r1': ('ratio', 1.0), 'pc10': ('per_class', 10)}
@@ -107,5 +108,54 @@ def _abl_render(cfg, res):
     return markdown_table(rows)
 TABLES['ablation'] = Table('ablation', 'Table 10: components (MAE init, 10 labels per class)', _abl_runs, _abl_render)
 
-# %% ../nbs/52_tables.ipynb #e5e67f61
-import ssfer_lib.mscl_runs  # registers TABLES['mscl']
+# %% ../nbs/52_tables.ipynb #6e5838dd
+MSCL_ROWS = [('ce', 'dense'), ('ce+mix', 'dense'), ('scl', 'dense'), ('mscl', 'none'), ('mscl', 'linear'),
+             ('mscl', 'dense'), ('facemix', 'dense'), ('facemix+mscl', 'dense')]
+MSCL_SEEDED = [('ce', 'dense'), ('ce+mix', 'dense'), ('scl', 'dense'), ('mscl', 'dense')]
+
+def mscl_init(cfg: dict) -> str:
+    "The pre-trained encoder MIMIC fine-tunes: ImageNet MAE for the paper preset, else the preset's MAE run."
+    return 'timm:vit_base_patch16_224.mae' if cfg['stage_preset'] == 'paper' else mae_encoder(cfg)
+
+def mscl_run(cfg: dict, method: str, proj: str = 'dense', seed: int = 0) -> RunSpec:
+    "One MIMIC fine-tuning run (`nbs/experiments/mscl.ipynb`)."
+    return RunSpec('mscl', f'{cfg["preset"]}-mscl-{method}-{proj}' + (f'-s{seed}' if seed else ''),
+                   common_params(cfg) | dict(method=method, proj=proj, init=mscl_init(cfg), seed=seed))
+
+def _mscl_runs(cfg):
+    seeds = tuple(cfg.get('mscl_seeds', (0,)))
+    pre = [] if cfg['stage_preset'] == 'paper' else [pretrain_run(cfg)]
+    return pre + [mscl_run(cfg, m, p, s) for m, p in MSCL_ROWS for s in (seeds if (m, p) in MSCL_SEEDED else (0,))]
+
+def mean_sd(values: list[float]) -> str:
+    "'mean ± s.d.' in percent (sample s.d.; just the value for one run)."
+    import numpy as np
+    v = 100 * np.asarray(values, float)
+    return f'{v.mean():.2f}' if len(v) == 1 else f'{v.mean():.2f} ± {v.std(ddof=1):.2f}'
+
+def _mscl_tsne(cfg, res, path):
+    import numpy as np, matplotlib.pyplot as plt
+    from ssfer_lib.core import atomic_write
+    from ssfer_lib.mscl_runs import tsne_figure
+    emb = {}
+    for m, label in (('ce', 'CE'), ('scl', 'CE + SCL'), ('mscl', 'CE + MSCL')):
+        f = np.load(runs_dir(cfg)/mscl_run(cfg, m).name/'test_features.npz')
+        emb[label] = (f['features'], f['labels'])
+    fig, scores = tsne_figure(emb, res[mscl_run(cfg, 'ce').name].get('classes'))
+    atomic_write(path, lambda fh: fig.savefig(fh, format='png', dpi=110)); plt.close(fig)
+    return scores
+
+def _mscl_render(cfg, res):
+    from ssfer_lib.mscl import METHODS
+    runs, rows = [r for r in _mscl_runs(cfg) if r.notebook == 'mscl'], []
+    for meth, proj in MSCL_ROWS:
+        ms = [res[r.name] for r in runs if (r.params['method'], r.params['proj']) == (meth, proj)]
+        rows.append({'method': meth, 'projection head': proj if METHODS[meth][2] else '—', 'seeds': len(ms),
+                     'acc (%)': mean_sd([m['test/acc'] for m in ms]), 'macro-F1 (%)': mean_sd([m['test/macro_f1'] for m in ms]),
+                     'best-epoch acc (%)': mean_sd([m['best/test/acc'] for m in ms]),
+                     'silhouette': sum(m['silhouette'] for m in ms) / len(ms)})
+    path = Path(cfg.get('root', 'outputs'))/'tables'/cfg['preset']/'mscl-tsne.png'
+    _mscl_tsne(cfg, res, path)
+    return markdown_table(rows, '.3f') + f'\n\nt-SNE of the test features (CE, CE + SCL, CE + MSCL; seed 0): `{path}`.'
+TABLES['mscl'] = Table('mscl', 'MIMIC: CE vs SCL vs MSCL, projection heads, and FaceMix + MSCL (all labels, MAE init)',
+                       _mscl_runs, _mscl_render)

@@ -21,6 +21,11 @@ def test_reproduce_smoke_end_to_end(tmp_path):
         assert list(p.glob('*.ipynb')), f'{p}: executed notebook missing'
     # every table row's numbers come from those runs: the demo table shows the two label ratios
     assert '| 10% |' in table and '| 100% |' in table
+    # the MIMIC table: every method row, from runs that started at the smoke MAE encoder, and its t-SNE figure
+    assert '| facemix+mscl | dense |' in table and '| mscl | linear |' in table
+    assert (tmp_path/'out'/'tables'/'smoke'/'mscl-tsne.png').stat().st_size > 10_000
+    ce = json.loads((tmp_path/'out'/'runs'/'smoke-mscl-ce-dense'/'metrics.json').read_text())['provenance']['config']
+    assert ce['init'].endswith('smoke-pretrain-mae/encoder.pt')
     # a second call reuses finished runs (nothing re-executed) and renders the same tables
     stamps = {p: (p/'metrics.json').stat().st_mtime_ns for p in runs}
     r2 = run()
