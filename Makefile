@@ -9,6 +9,8 @@ export MPLBACKEND ?= Agg
 export YOLO_OFFLINE ?= 1
 export YOLO_CONFIG_DIR ?= $(CURDIR)/.cache/ultralytics
 export PYTHONHASHSEED ?= 0
+# this checkout's ssfer_lib wins over whatever the (possibly shared, cached) venv's editable install points at
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help env demo test test-fast nbtest pytest bench export check-sync lab lock clean-env
 
@@ -22,7 +24,7 @@ $(STAMP):  # its name holds the hash of requirements.txt: exists = up to date (m
 	@rm -f $(VENV)/.ssfer-env-*; touch $@
 
 env: $(STAMP)  ## create/refresh the virtualenv and install this checkout (editable)
-	@$(BIN)/python -P -c "import pathlib, ssfer_lib, sys; sys.exit(pathlib.Path(ssfer_lib.__file__).resolve().parent != pathlib.Path('ssfer_lib').resolve())" 2>/dev/null \
+	@env -u PYTHONPATH $(BIN)/python -P -c "import pathlib, ssfer_lib, sys; sys.exit(pathlib.Path(ssfer_lib.__file__).resolve().parent != pathlib.Path('ssfer_lib').resolve())" 2>/dev/null \
 	  || $(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 
 demo: env  ## the main job: all three stages and every table on SynthFaces (CPU, no downloads)
