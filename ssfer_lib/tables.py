@@ -8,10 +8,10 @@ from pathlib import Path
 from .reproduce import TABLES, RunSpec, Table, common_params, markdown_table
 
 # %% auto #0
-__all__ = ['SPLITS', 'SEMI_ALGORITHMS', 'MSCL_ROWS', 'MSCL_SEEDED', 'runs_dir', 'pretrain_run', 'mae_encoder', 'finetune_run',
-           'semi_run', 'pct', 'acc_row', 'mscl_init', 'mscl_run', 'mean_sd']
+__all__ = ['SPLITS', 'MIXES', 'SEMI_ALGORITHMS', 'MSCL_ROWS', 'MSCL_SEEDED', 'runs_dir', 'pretrain_run', 'mae_encoder',
+           'finetune_run', 'semi_run', 'pct', 'acc_row', 'mscl_init', 'mscl_run', 'mean_sd']
 
-# %% ../nbs/52_tables.ipynb #03dac475
+# %% ../nbs/52_tables.ipynb #cb3ff5a1
 SPLITS = {'r0.1': ('ratio', 0.1), 'r1': ('ratio', 1.0), 'pc10': ('per_class', 10)}
 
 def runs_dir(cfg: dict) -> Path: return Path(cfg.get('root', 'outputs'))/'runs'
@@ -24,11 +24,12 @@ def mae_encoder(cfg: dict) -> str: return str((runs_dir(cfg)/pretrain_run(cfg).n
 
 def finetune_run(cfg: dict, mix: str = 'facemix', init: str = 'mae', split: str = 'r0.1', kappa: str = 'iou', loss: str = 'L4') -> RunSpec:
     "Stage 2: supervised fine-tuning with a mixing method, from the MAE encoder or from scratch."
-    name = f'{cfg["preset"]}-finetune-{mix}' + (f'-{kappa}-{loss}' if mix == 'facemix' else '') + f'-{init}-{split}'
+    fm = mix.startswith('facemix')  # facemix, facemix+mscl
+    name = f'{cfg["preset"]}-finetune-{mix}' + (f'-{kappa}-{loss}' if fm else '') + f'-{init}-{split}'
     kind, value = SPLITS[split]
     p = common_params(cfg) | dict(mix=mix, init=mae_encoder(cfg) if init == 'mae' else 'scratch', split_kind=kind,
                                   label_ratio=value, seed=0)
-    if mix == 'facemix': p |= dict(kappa=kappa, loss=loss)
+    if fm: p |= dict(kappa=kappa, loss=loss)
     return RunSpec('finetune', name, p)
 
 def semi_run(cfg: dict, algorithm: str = 'ema_teacher', stage2: RunSpec | None = None, split: str = 'pc10') -> RunSpec:
@@ -39,15 +40,16 @@ def semi_run(cfg: dict, algorithm: str = 'ema_teacher', stage2: RunSpec | None =
     return RunSpec('semi', f'{cfg["preset"]}-semi-{algorithm}-from-{stage2.name.split("-", 1)[1]}',
                    common_params(cfg) | dict(algorithm=algorithm, init=init, split_kind=kind, label_ratio=value, seed=0))
 
-# %% ../nbs/52_tables.ipynb #167a6ba1
+# %% ../nbs/52_tables.ipynb #9538b283
 def pct(m: dict, key: str = 'test/acc') -> float | None:
     "A metric in percent (None when missing)."
     return None if m.get(key) is None else 100 * m[key]
 
 def acc_row(label: dict, m: dict, teacher: bool = False) -> dict:
-    "A row: the label columns, then accuracy and macro-F1 (of the teacher for semi-supervised runs)."
+    "A row: the label columns, accuracy and macro-F1 (of the teacher for semi-supervised runs), last-epoch accuracy if known."
     pre = 'test/teacher/' if teacher and 'test/teacher/acc' in m else 'test/'
-    return label | {'n labeled': m.get('n_labeled'), 'acc (%)': pct(m, pre + 'acc'), 'macro-F1 (%)': pct(m, pre + 'macro_f1')}
+    row = label | {'n labeled': m.get('n_labeled'), 'acc (%)': pct(m, pre + 'acc'), 'macro-F1 (%)': pct(m, pre + 'macro_f1')}
+    return row | ({'last-epoch acc (%)': pct(m, 'last/test/acc')} if 'last/test/acc' in m else {})  # fine-tuning: best vs last
 
 # %% ../nbs/52_tables.ipynb #80cd8892
 def _gap_runs(cfg): return [finetune_run(cfg, 'none', 'scratch', s) for s in ('pc10', 'r1')]
@@ -67,8 +69,9 @@ def _pre_render(cfg, res):
     return markdown_table(rows) + note
 TABLES['pretraining'] = Table('pretraining', 'Table 11: pre-training paradigm (10 labels per class)', _pre_runs, _pre_render)
 
-# %% ../nbs/52_tables.ipynb #8bd470f1
-def _mix_runs(cfg): return [pretrain_run(cfg)] + [finetune_run(cfg, m) for m in ('none', 'mixup', 'cutmix', 'facemix')]
+# %% ../nbs/52_tables.ipynb #4e9a4dee
+MIXES = ('none', 'mixup', 'cutmix', 'facemix', 'mscl', 'facemix+mscl')
+def _mix_runs(cfg): return [pretrain_run(cfg)] + [finetune_run(cfg, m) for m in MIXES]
 def _mix_render(cfg, res):
     return markdown_table([acc_row({'mixing': r.params['mix']}, res[r.name]) for r in _mix_runs(cfg)[1:]])
 TABLES['mixing'] = Table('mixing', 'Table 13: mixing strategy (MAE init, 10% labels)', _mix_runs, _mix_render)
