@@ -15,7 +15,8 @@ import torch
 __all__ = ['PACKAGES', 'Registry', 'seed_everything', 'seed_worker', 'get_device', 'init_distributed', 'is_main_process',
            'atomic_write', 'atomic_write_json', 'atomic_write_text', 'git_state', 'package_versions', 'now',
            'provenance', 'finish_provenance', 'run_dir', 'ResultExistsError', 'write_metrics', 'read_metrics',
-           'load_weights', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'file_hash', 'text_hash']
+           'start_run', 'load_weights', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'file_hash',
+           'text_hash']
 
 # %% ../nbs/00_core.ipynb #b7f8f0df
 class Registry(dict):
@@ -168,7 +169,18 @@ def read_metrics(path: str | Path) -> dict:
     if not p.exists(): raise FileNotFoundError(f'no metrics.json at {p}')
     return json.loads(p.read_text())
 
-# %% ../nbs/00_core.ipynb #cd5f8bfb
+# %% ../nbs/00_core.ipynb #8da136db
+def start_run(cfg: Any,  # the run's config: a dataclass with a `seed` field
+              out_dir: str | Path,  # the run folder
+              rank: int = 0,  # process rank under torchrun (added to the seed)
+             ) -> tuple[Path, dict, torch.Generator]:
+    "Open a run folder: `(folder, provenance, generator)` after refusing a finished run and seeding everything."
+    out = Path(out_dir)
+    if (out/'metrics.json').exists(): raise ResultExistsError(f'{out} already holds a finished run (metrics.json)')
+    out.mkdir(parents=True, exist_ok=True)
+    return out, provenance(cfg, cfg.seed), seed_everything(cfg.seed + rank)
+
+# %% ../nbs/00_core.ipynb #6cd51c30
 def load_weights(path: str | Path, map_location='cpu') -> Any:
     "`torch.load` with `weights_only=True` (never unpickles code); a clear error for a missing file."
     if not Path(path).exists(): raise FileNotFoundError(f'checkpoint not found: {path}')
@@ -190,7 +202,7 @@ def set_rng_state(st: dict):
     torch.set_rng_state(st['torch'])
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
-# %% ../nbs/00_core.ipynb #6481e905
+# %% ../nbs/00_core.ipynb #882e5169
 def save_checkpoint(path: str | Path,  # destination (written atomically)
                     *, epoch: int, step: int,  # position in training: epochs completed, optimizer steps done
                     model: torch.nn.Module,  # the module to save (for task modules: the task, so EMA/thresholds come along)
@@ -218,7 +230,7 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
     if restore_rng: set_rng_state(ck['rng'])
     return ck
 
-# %% ../nbs/00_core.ipynb #c71a7c94
+# %% ../nbs/00_core.ipynb #62d60ba7
 def file_hash(path: str | Path, n: int = 12) -> str:
     "Short sha256 of a file's bytes (for naming caches and recording inputs)."
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:n]
