@@ -70,8 +70,10 @@ def test_ssfer_run_writes_run_dir_and_refuses_to_overwrite(tmp_path):
     run = tmp_path/'runs'/'t'
     assert (run/'toy.ipynb').exists() and (run/'run.json').exists()
     assert read_metrics(run)['provenance']['config'] == {'epochs': 3}
-    r = ssfer('run', str(tmp_path/'toy.ipynb'), '-p', 'epochs', '4', '--name', 't', '--root', str(tmp_path/'runs'))
+    r = ssfer('run', str(tmp_path/'toy.ipynb'), '-p', 'epochs', '3', '--name', 't', '--root', str(tmp_path/'runs'))
     assert r.returncode == 2 and 'already finished' in r.stderr and 'Traceback' not in r.stderr
+    r = ssfer('run', str(tmp_path/'toy.ipynb'), '-p', 'epochs', '4', '--name', 't', '--root', str(tmp_path/'runs'))
+    assert r.returncode == 2 and 'other parameters (epochs: 3 → 4)' in r.stderr and 'Traceback' not in r.stderr
     assert read_metrics(run)['metrics']['score'] == 30
     r = ssfer('run', str(tmp_path/'toy.ipynb'), '-p', 'epochs', '4', '--name', 't', '--root', str(tmp_path/'runs'), '--force')
     assert r.returncode == 0 and read_metrics(run)['metrics']['score'] == 40
