@@ -392,7 +392,7 @@ def mscl_optimizer(task: Task,  # any task with `.model` (the ViT) and possibly 
     "AdamW with layer decay on `task.model`, plus the task's other parameters (projection head) at the full lr."
     return build_optimizer(task.model, lr=lr, weight_decay=weight_decay, opt='adamw', betas=betas, layer_decay=layer_decay, task=task)
 
-# %% ../nbs/24_mscl.ipynb #c13ec660
+# %% ../nbs/24_mscl.ipynb #290b7083
 def fit_mscl(cfg: MSCLConfig,  # settings
              train_ds,  # augmenting dataset of dicts (`image`, `label`, `box`); or one already giving dict(weak, strong)
              test_loader,  # yields test batches (`image`, `label`)
@@ -403,7 +403,7 @@ def fit_mscl(cfg: MSCLConfig,  # settings
             ) -> dict:
     "Fine-tune as `cfg` says; returns dict(task, history)."
     from ssfer_lib.evaluate import evaluate
-    from ssfer_lib.train import build_scheduler, fit
+    from ssfer_lib.train import build_scheduler, fit, train_loader
     g = torch.Generator().manual_seed(cfg.seed)
     sampler = None
     if cfg.balanced_sampler:
@@ -412,8 +412,7 @@ def fit_mscl(cfg: MSCLConfig,  # settings
         sampler = BalancedSampler(labels, generator=g)
     task = build_mscl_task(cfg, model)
     two = task.two_views and 'weak' not in train_ds[0]
-    loader = torch.utils.data.DataLoader(TwoViews(train_ds, train_ds) if two else train_ds, batch_size=cfg.batch_size,
-                                         shuffle=sampler is None, sampler=sampler, drop_last=True, generator=g)
+    loader = train_loader(TwoViews(train_ds, train_ds) if two else train_ds, cfg.batch_size, g, cfg.seed, sampler)
     opt = mscl_optimizer(task, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     sched = build_scheduler(opt, cfg.epochs, len(loader), cfg.warmup_epochs, cfg.min_lr, warmup_lr=cfg.min_lr)
     device = get_device(cfg.device)

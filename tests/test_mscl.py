@@ -182,3 +182,26 @@ def test_facemix_views_keeps_facemix_loss():
     assert ours['loss'].item() == pytest.approx(theirs['loss'].item(), rel=1e-6)
     assert ours['features'].shape == (12, m.num_features)
     assert torch.allclose(ours['soft_labels'].sum(1), torch.ones(12))
+
+
+@pytest.mark.slow
+def test_ddp_finetune_facemix_mscl_two_cpu_processes(tmp_path):
+    """SSFER stage 2 with the MSCL term under torchrun: each process trains on its shard, rank 0 alone writes."""
+    import json, os, signal, subprocess, sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(root))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           str(root/'tests'/'ddp_finetune.py'), str(tmp_path)]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         start_new_session=True)
+    try: _, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL); p.communicate(); pytest.fail('torchrun timed out')
+    assert p.returncode == 0, err[-3000:]
+    r0, r1 = (torch.load(tmp_path/f'rank{i}.pt', weights_only=True) for i in range(2))
+    assert r0['world'] == r1['world'] == 2 and 'test/acc' in r0['keys'] and r1['keys'] == []
+    m = json.loads((tmp_path/'run'/'metrics.json').read_text())['metrics']
+    hist = json.loads((tmp_path/'run'/'history.json').read_text())
+    # each process saw its half of the labeled set: steps per epoch = ⌊(n/2) / batch⌋, not ⌊n / batch⌋
+    assert hist[0]['step'] == (m['n_labeled'] // 2) // 8 and hist[0]['train/mscl'] > 0
