@@ -36,13 +36,13 @@ PRESETS['smoke'] = dict(stage_preset='test')  # toy sizes: the whole chain in a 
 PRESETS['demo'] = dict(stage_preset='demo', mscl_seeds=(0, 1))  # SynthFaces at demo scale on a 2-core CPU
 PRESETS['paper'] = dict(stage_preset='paper', data='rafdb')  # the paper's schedules; needs --data-root and GPUs
 
-# %% ../nbs/51_reproduce.ipynb #b5540ba6
+# %% ../nbs/51_reproduce.ipynb #4b73949e
 def markdown_table(rows: list[dict],  # one dict per row; keys are columns (first row fixes the order)
                    floatfmt: str = '.2f',
                   ) -> str:
     "Render rows as a GitHub markdown table."
     if not rows: return '_no rows_'
-    cols = list(rows[0]); cols += [c for r in rows for c in r if c not in cols]
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # first row's order, then new columns once each
     fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else ('' if v is None else str(v))
     lines = ['| ' + ' | '.join(cols) + ' |', '|' + '|'.join('---' for _ in cols) + '|']
     lines += ['| ' + ' | '.join(fmt(r.get(c)) for c in cols) + ' |' for r in rows]
