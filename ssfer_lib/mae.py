@@ -23,7 +23,7 @@ from .vit import create_vit, vit_size
 # %% auto #0
 __all__ = ['PRETRAIN_PRESETS', 'patchify', 'unpatchify', 'random_masking', 'sincos_pos_embed', 'MaskedAutoencoder', 'MAEPretrain',
            'PretrainConfig', 'pretrain_config', 'pretrain_lr', 'build_mae', 'pretrain_data', 'save_encoder',
-           'load_encoder', 'reconstruct', 'plot_reconstructions', 'pretrain', 'bench_mae']
+           'load_encoder', 'init_classifier', 'reconstruct', 'plot_reconstructions', 'pretrain', 'bench_mae']
 
 # %% ../nbs/21_mae.ipynb #c8964b79
 def patchify(imgs: torch.Tensor,  # [B, C, H, W]
@@ -312,7 +312,7 @@ def _read_encoder_state(ckpt: str | Path) -> tuple[dict, dict]:
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}; break
     return {k: v for k, v in sd.items() if not k.startswith(('decoder_', 'mask_token'))}, vit  # official layout: drop the decoder
 
-# %% ../nbs/21_mae.ipynb #f97d3779
+# %% ../nbs/21_mae.ipynb #33e65049
 def load_encoder(model_name: str,  # timm `vit_*` name of the classifier
                  ckpt: str | Path,  # checkpoint file, or 'timm:<name.tag>' for cached timm weights
                  num_classes: int = 7,  # classifier outputs
@@ -340,6 +340,15 @@ def load_encoder(model_name: str,  # timm `vit_*` name of the classifier
                        f'unexpected keys {show(unexpected)}; shape mismatches {show(shapes)}')
     model.load_state_dict(sd, strict=False)
     return model
+
+def init_classifier(model_name: str,  # timm `vit_*` name
+                    init: str,  # 'scratch', or a checkpoint for `load_encoder` (MAE encoder, stage-2 file, 'timm:<name.tag>')
+                    num_classes: int = 7, img_size: int = 224,
+                    **kw,  # create_vit arguments (global_pool, drop_path_rate, architecture overrides)
+                   ) -> nn.Module:
+    "The classifier a fine-tuning stage starts from: a fresh ViT (`init='scratch'`) or `load_encoder(init)`."
+    if init == 'scratch': return create_vit(model_name, num_classes=num_classes, img_size=img_size, **kw)
+    return load_encoder(model_name, init, num_classes=num_classes, img_size=img_size, **kw)
 
 # %% ../nbs/21_mae.ipynb #d89df7bc
 @torch.no_grad()

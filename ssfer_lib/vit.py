@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['VIT_SIZES', 'create_vit', 'vit_size']
+__all__ = ['VIT_SIZES', 'ARCH_FIELDS', 'create_vit', 'vit_size', 'vit_arch']
 
 # %% ../nbs/20_vit.ipynb #e0edab2e
 def create_vit(model: str = 'vit_base_patch16_224',  # any timm `vit_*` name
@@ -28,7 +28,7 @@ def create_vit(model: str = 'vit_base_patch16_224',  # any timm `vit_*` name
     return timm.create_model(model, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
                              global_pool=global_pool, drop_path_rate=drop_path_rate, **kwargs)
 
-# %% ../nbs/20_vit.ipynb #6aa19654
+# %% ../nbs/20_vit.ipynb #70c5b148
 VIT_SIZES = {
     'paper': dict(model='vit_base_patch16_224', img_size=224),
     'demo': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4, depth=4, embed_dim=96, num_heads=3),
@@ -39,3 +39,9 @@ def vit_size(name: str) -> dict:
     "Keyword arguments of `create_vit` for a named size."
     if name not in VIT_SIZES: raise KeyError(f'unknown ViT size {name!r}; choose one of: {", ".join(VIT_SIZES)}')
     return dict(VIT_SIZES[name])
+
+ARCH_FIELDS = ('patch_size', 'depth', 'embed_dim', 'num_heads')
+
+def vit_arch(cfg) -> dict:
+    "A stage config's architecture overrides of `create_vit` (its `ARCH_FIELDS` that are not None)."
+    return {k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None}
