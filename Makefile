@@ -32,11 +32,11 @@ demo: env  ## the main job: all three stages and every table on SynthFaces (CPU,
 
 test: env  ## all tests: notebook examples (incl. slow cells) and pytest (incl. slow end-to-end)
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --flags slow --n_workers 2  # 2 notebooks at a time, 1 thread each
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs  # -rs: name every skipped test and why (e.g. real data absent)
 
 test-fast: env  ## quick loop: notebook examples without slow cells, pytest without slow tests
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 bench: env  ## speed/memory benchmarks, results in outputs/bench/
 	$(BIN)/ssfer bench
