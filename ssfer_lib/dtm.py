@@ -36,12 +36,12 @@ class BalancedSampler(Sampler[int]):
         pos = (torch.rand(self.num_samples, generator=g) * self.sizes[cls]).long()
         return iter([self.groups[c][p].item() for c, p in zip(cls.tolist(), pos.tolist())])
 
-# %% ../nbs/33_dtm.ipynb #fd5244c5
+# %% ../nbs/33_dtm.ipynb #d75d9c8b
 def update_class_thresholds(prev: torch.Tensor,  # thresholds of the previous epoch [C]
                             probs: torch.Tensor,  # network B's probabilities on the labeled set [N, C]
                             labels: torch.Tensor,  # true labels [N]
                             preds: torch.Tensor,  # network B's predicted classes [N]
-                            mu: float = 0.9,  # weight of the previous threshold (Eq. 8)
+                            mu: float = 0.9,  # weight of the previous threshold (Eq. 8; 0.9 in §4.2)
                            ) -> torch.Tensor:
     "Eqs. (7)–(8): per class, μ·previous + (1 − μ)·mean confidence on correct predictions; no correct one keeps previous."
     C = len(prev)
@@ -52,18 +52,18 @@ def update_class_thresholds(prev: torch.Tensor,  # thresholds of the previous ep
     new = s / n.clamp(min=1)
     return torch.where(n > 0, mu * prev.float() + (1 - mu) * new, prev.float())
 
-# %% ../nbs/33_dtm.ipynb #11ccba3a
+# %% ../nbs/33_dtm.ipynb #23b72235
 @SSL_ALGORITHMS.register('dtm')
 class DTM(SemiTask):
     "DTM: fused weak/strong pseudo-labels above per-class thresholds learned by an EMA network on labeled data."
     def __init__(self, model: nn.Module,  # network A (the student)
                  num_classes: int = 7,
                  labeled_loader=None,  # labeled data for network B's per-epoch thresholds (None: thresholds stay)
-                 lambda_l: float = 1.0,  # λ1 of Eq. (12)
-                 lambda_u: float = 0.8,  # λ2 of Eq. (12)
-                 ema_decay: float = 0.999,  # network B = EMA of network A
-                 thr_momentum: float = 0.9,  # μ of Eq. (8)
-                 tau_init: float = 0.7,  # thresholds before the first update (the paper is silent)
+                 lambda_l: float = 1.0,  # λ1 of Eq. (12) (§4.2)
+                 lambda_u: float = 0.8,  # λ2 of Eq. (12) (§4.2)
+                 ema_decay: float = 0.999,  # network B = EMA of network A (§3.3)
+                 thr_momentum: float = 0.9,  # μ of Eq. (8) (§4.2)
+                 tau_init: float = 0.7,  # thresholds before the first update (not in the paper; our choice, SSFER code's τ)
                 ):
         super().__init__(model, num_classes)
         self.teacher = EMA(model, ema_decay)  # network B
@@ -99,7 +99,7 @@ class DTM(SemiTask):
 
     def eval_models(self) -> dict[str, nn.Module]: return {'student': self.model, 'teacher': self.teacher.module}
 
-# %% ../nbs/33_dtm.ipynb #f0d95e3f
+# %% ../nbs/33_dtm.ipynb #718ebc8a
 def plot_thresholds(history: list[dict],  # `fit`'s per-epoch logs with `dtm/tau_<c>` keys
                     class_names: list[str] | None = None,  # legend labels
                    ):
@@ -115,7 +115,7 @@ def plot_thresholds(history: list[dict],  # `fit`'s per-epoch logs with `dtm/tau
     ax.legend(fontsize=7, ncol=2); fig.tight_layout()
     return fig
 
-# %% ../nbs/33_dtm.ipynb #47981fb4
+# %% ../nbs/33_dtm.ipynb #c4555663
 def sliding_window_vote(preds,  # predicted class per frame [N]
                         video_ids,  # video of each frame [N] (any sortable ids)
                         frame_idx,  # frame number within its video [N]
@@ -144,7 +144,7 @@ def sliding_window_vote(preds,  # predicted class per frame [N]
     res = np.empty_like(out); res[order] = out
     return res
 
-# %% ../nbs/33_dtm.ipynb #09d682d1
+# %% ../nbs/33_dtm.ipynb #5c4620ec
 def macro_f1(y_true,  # true classes [N]
              y_pred,  # predicted classes [N]
              num_classes: int | None = None,  # average over 0..C-1 (None: classes present in y_true or y_pred)

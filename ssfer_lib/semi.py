@@ -15,11 +15,11 @@ from .train import Supervised, Task
 __all__ = ['SSL_ALGORITHMS', 'EMA', 'pseudo_label_mask', 'masked_cross_entropy', 'pseudo_label_stats', 'SemiTask',
            'SupervisedOnly', 'EMATeacher', 'FixMatch', 'gradient_report']
 
-# %% ../nbs/31_semi.ipynb #fc72ba53
+# %% ../nbs/31_semi.ipynb #cfc29be9
 class EMA(nn.Module):
     "A frozen copy of `model` whose weights follow an exponential moving average of the student (Eq. 1)."
     def __init__(self, model: nn.Module,  # the student; copied at construction (start from its weights)
-                 decay: float = 0.999,  # momentum m
+                 decay: float = 0.999,  # momentum m (official code; not given in the paper)
                  warmup: bool = False,  # use min(m, (1+step)/(10+step)) so early steps follow the student faster
                 ):
         super().__init__()
@@ -121,15 +121,15 @@ class SupervisedOnly(Supervised):
     def forward(self, batch: dict) -> dict:
         return super().forward(batch['labeled'] if 'labeled' in batch else batch)
 
-# %% ../nbs/31_semi.ipynb #973e9613
+# %% ../nbs/31_semi.ipynb #3ab71096
 @SSL_ALGORITHMS.register('ema_teacher')
 class EMATeacher(SemiTask):
     "SSFER: EMA teacher on the weak view gives hard pseudo-labels above τ; the student learns them on the strong view."
     def __init__(self, model: nn.Module,  # the student (from the stage-2 checkpoint)
                  num_classes: int = 7,
-                 tau: float = 0.7,  # confidence threshold
-                 lambda_u: float = 1.0,  # μ of Eq. (5): 1 in the paper's text, 5 in the official code
-                 ema_decay: float = 0.999,  # m of Eq. (1)
+                 tau: float = 0.7,  # confidence threshold τ (official code; not given in the paper)
+                 lambda_u: float = 5.0,  # μ of Eq. (5) (official code's λu; not given in the paper)
+                 ema_decay: float = 0.999,  # m of Eq. (1) (official code; not given in the paper)
                  ema_warmup: bool = False,  # ramp m up from 0.1 (see `EMA`)
                 ):
         super().__init__(model, num_classes)
@@ -151,13 +151,13 @@ class EMATeacher(SemiTask):
 
     def eval_models(self) -> dict[str, nn.Module]: return {'student': self.model, 'teacher': self.teacher.module}
 
-# %% ../nbs/31_semi.ipynb #ca6034dc
+# %% ../nbs/31_semi.ipynb #ed69b693
 @SSL_ALGORITHMS.register('fixmatch')
 class FixMatch(SemiTask):
     "FixMatch: the model's own weak-view prediction above τ is the target of its strong-view prediction."
     def __init__(self, model: nn.Module, num_classes: int = 7,
-                 tau: float = 0.95,  # confidence threshold
-                 lambda_u: float = 1.0,  # weight of the unlabeled loss
+                 tau: float = 0.95,  # confidence threshold (Sohn et al. 2020)
+                 lambda_u: float = 1.0,  # weight of the unlabeled loss (Sohn et al. 2020)
                 ):
         super().__init__(model, num_classes); self.tau, self.lambda_u = tau, lambda_u
 
@@ -172,7 +172,7 @@ class FixMatch(SemiTask):
         return dict(loss=loss_l + self.lambda_u * loss_u, loss_l=loss_l, loss_u=loss_u,
                     **self.record(pseudo, mask, weak['label']))
 
-# %% ../nbs/31_semi.ipynb #691a0e50
+# %% ../nbs/31_semi.ipynb #2017780b
 def gradient_report(task: Task,  # a task whose student is `task.model`
                     batch: dict,  # one batch it accepts (use τ low enough that some pseudo-labels pass)
                    ) -> dict[str, list[str] | bool | None]:

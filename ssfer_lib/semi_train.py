@@ -22,10 +22,10 @@ from .vit import create_vit, vit_arch, vit_size
 __all__ = ['SEMI_RECIPES', 'SEMI_PRESETS', 'SemiConfig', 'semi_config', 'task_kwargs', 'semi_data', 'SemiLoader', 'semi_loaders',
            'semi_model', 'plot_pseudo_labels', 'evaluate_models', 'semi_train']
 
-# %% ../nbs/34_semi_train.ipynb #a1ffafe8
+# %% ../nbs/34_semi_train.ipynb #329c7182
 @dataclasses.dataclass
 class SemiConfig:
-    "Stage-3 settings; defaults are SSFER's (§3.3, §4.2), other algorithms' recipes are in `SEMI_RECIPES`."
+    "Stage-3 settings; defaults are SSFER's (§4.2, else its official code), other algorithms' recipes are in `SEMI_RECIPES`."
     algorithm: str = 'ema_teacher'  # a name in SSL_ALGORITHMS
     data: str = 'synthfaces'  # dataset ('synthfaces' is generated in memory)
     data_root: str | None = None  # root of a real dataset
@@ -49,8 +49,8 @@ class SemiConfig:
     init: str = 'scratch'  # 'scratch' or the stage-2 checkpoint (a `fit` last.pt/best.pt, or a plain state dict)
     epochs: int = 50
     steps_per_epoch: int | None = None  # None: one pass over the unlabeled set
-    batch_size: int = 64  # labeled images per step
-    uratio: int = 7  # unlabeled images per labeled image in a step
+    batch_size: int = 64  # labeled images per step (§4.2)
+    uratio: int = 1  # unlabeled images per labeled image in a step (official code's `mu` = 1: 64 labeled + 64 unlabeled)
     opt: str = 'adamw'  # timm optimizer name
     lr: float = 1.5e-4
     sched: str = 'cosine'  # 'cosine' (per step, to min_lr) or 'fixed'
@@ -58,13 +58,13 @@ class SemiConfig:
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    tau: float = 0.7  # confidence threshold (ema_teacher, fixmatch)
-    lambda_u: float = 1.0  # weight of the unlabeled loss: SSFER μ (paper text 1, official code 5), DTM λ2
+    tau: float = 0.7  # confidence threshold τ (ema_teacher: official code; not given in the paper)
+    lambda_u: float = 5.0  # weight of the unlabeled loss: SSFER μ of Eq. (5) (official code; not given in the paper), DTM λ2
     lambda_l: float = 1.0  # weight of the labeled loss (DTM λ1)
-    ema_decay: float = 0.999  # teacher / network B momentum m
+    ema_decay: float = 0.999  # teacher momentum m (official code; not given in the paper) = DTM's network B decay (§3.3)
     ema_warmup: bool = False  # ramp the momentum up from 0.1 (not in the paper)
-    thr_momentum: float = 0.9  # DTM μ of Eq. (8)
-    tau_init: float = 0.7  # DTM thresholds before the first update (not in the paper)
+    thr_momentum: float = 0.9  # DTM μ of Eq. (8) (DTM §4.2)
+    tau_init: float = 0.7  # DTM thresholds before the first update (not in the DTM paper; our choice, = τ)
     balanced: bool = False  # class-balanced labeled batches (DTM)
     vote_window: int = 350  # sliding-window vote (frames), for test sets with video/frame metadata
     grad_clip: float | None = None
@@ -73,13 +73,13 @@ class SemiConfig:
     device: str = 'auto'
     seed: int = 0
 
-# %% ../nbs/34_semi_train.ipynb #49a43dbe
+# %% ../nbs/34_semi_train.ipynb #d68796a7
 SEMI_RECIPES = {
     'ema_teacher': {},
     'supervised': {},
-    'fixmatch': dict(tau=0.95, lambda_u=1.0),
+    'fixmatch': dict(tau=0.95, lambda_u=1.0, uratio=7),
     'dtm': dict(opt='adam', lr=5e-4, sched='fixed', weight_decay=0.0, steps_per_epoch=1000, batch_size=32, uratio=1,
-                lambda_l=1.0, lambda_u=0.8, balanced=True),
+                lambda_l=1.0, lambda_u=0.8, thr_momentum=0.9, balanced=True),
 }
 SEMI_PRESETS = {
     'paper': {},
