@@ -147,3 +147,36 @@ def test_compute_boxes_warns_about_gt_in_another_frame(tmp_path):
         compute_boxes(imgs, ['a', 'b', 'c'], 'fits', 'gt', gt=[[5, 5, 30, 30], [0, 0, 32, 32], [2, 2, 30, 30]], out_root=tmp_path,
                       progress=False)
 
+
+# --- a per-class split on a class smaller than the value asked
+
+
+def rafdb_labels(root: Path, per_class: list[int]) -> Path:
+    "A RAF-DB label list (the reader does not open the images) with `per_class[c]` training images of class c."
+    (root/'EmoLabel').mkdir(parents=True); (root/'Image/aligned').mkdir(parents=True)
+    labels = [c for c, n in enumerate(per_class) for _ in range(n)]
+    (root/'EmoLabel/list_patition_label.txt').write_text(''.join(f'train_{i:05d}.jpg {c + 1}\n' for i, c in enumerate(labels)))
+    return root
+
+
+def test_per_class_split_warns_for_a_short_class(tmp_path):
+    root = rafdb_labels(tmp_path/'raf', [60, 5, 60, 60, 60, 60, 60])  # Fear (class 2 in the file) has 5 images
+    msg = "class 'Fear' has 5 images, fewer than the 50 labels per class asked: all 5 are labeled"
+    with pytest.warns(UserWarning) as rec:
+        df, _ = make_dataset_split('rafdb', root, 'per_class', 50, 0, root=tmp_path/'splits')
+    assert [str(w.message) for w in rec if 'labels per class' in str(w.message)] == [msg]
+    assert df[df.label == 1].labeled.sum() == 5 and df.labeled.sum() == 6 * 50 + 5
+    with pytest.warns(UserWarning, match=msg):  # a reused split is still short
+        make_dataset_split('rafdb', root, 'per_class', 50, 0, root=tmp_path/'splits')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # every class large enough: silent
+        make_dataset_split('rafdb', root, 'per_class', 5, 0, root=tmp_path/'splits')
+
+
+def test_cli_split_prints_the_warning(tmp_path, capsys):
+    from ssfer_lib.cli import main
+    root = rafdb_labels(tmp_path/'raf', [60, 5, 60, 60, 60, 60, 60])
+    assert main(['split', 'rafdb', '--data-root', str(root), '--kind', 'per_class', '--value', '50', '--root', str(tmp_path/'splits')]) == 0
+    err = capsys.readouterr().err
+    assert err == "ssfer: warning: class 'Fear' has 5 images, fewer than the 50 labels per class asked: all 5 are labeled\n", err
+
