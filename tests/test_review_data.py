@@ -180,3 +180,28 @@ def test_cli_split_prints_the_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "ssfer: warning: class 'Fear' has 5 images, fewer than the 50 labels per class asked: all 5 are labeled\n", err
 
+
+# --- macro-F1: one definition, ABAW's all-classes mean and the present-classes variant
+
+
+def test_macro_f1_absent_class_counts_zero_and_present_only():
+    from ssfer_lib.evaluate import classification_metrics, macro_f1
+    t, p = [0, 0, 1, 1], [0, 1, 1, 1]  # F1: class 0 2/3, class 1 4/5, class 2 (no sample, no prediction) 0
+    assert macro_f1(t, p, 3) == pytest.approx((2 / 3 + 4 / 5 + 0) / 3)
+    assert macro_f1(t, p, 3, present_only=True) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert classification_metrics(t, p, 3)['macro_f1'] == pytest.approx(22 / 45)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        a, b = rng.integers(0, 5, 50), rng.integers(0, 8, 50)  # classes 5..7 never true, sometimes predicted
+        assert macro_f1(a, b, 8) == pytest.approx(f1_score(a, b, labels=range(8), average='macro', zero_division=0))
+        assert macro_f1(a, b, 8, present_only=True) == pytest.approx(
+            f1_score(a, b, labels=np.unique(a), average='macro', zero_division=0))
+        assert classification_metrics(a, b, 8)['macro_f1'] == macro_f1(a, b, 8)
+
+
+def test_one_macro_f1_in_the_library():
+    import ssfer_lib.dtm, ssfer_lib.evaluate, ssfer_lib.semi_train
+    assert ssfer_lib.dtm.macro_f1 is ssfer_lib.evaluate.macro_f1 is ssfer_lib.semi_train.macro_f1
+    lib = Path(ssfer_lib.evaluate.__file__).parent
+    defs = [p.name for p in lib.glob('*.py') if 'def macro_f1(' in p.read_text()]
+    assert defs == ['evaluate.py'], defs
