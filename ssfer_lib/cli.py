@@ -33,7 +33,7 @@ def _reproduce(a):
     print('\n'.join(md.values()))
     print(f'tables written to {Path(a.root)/"tables"/(a.preset + ".md")}')
 
-# %% ../nbs/90_cli.ipynb #80bd34ec
+# %% ../nbs/90_cli.ipynb #d5f178e5
 def _data(a):
     if a.action == 'synth':
         from ssfer_lib.synthfaces import write_synthfaces
@@ -44,8 +44,12 @@ def _data(a):
         print(format_report(check_dataset(a.name, a.data_root, decode=a.decode, **_params(a.opt))))
 
 def _split(a):
+    import warnings
     from ssfer_lib.datasets import make_dataset_split
-    df, path = make_dataset_split(a.name, a.data_root, a.kind, a.value, a.seed, root=a.root, **_params(a.opt))
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a class smaller than --value: one plain line each
+        warnings.simplefilter('always')
+        df, path = make_dataset_split(a.name, a.data_root, a.kind, a.value, a.seed, root=a.root, **_params(a.opt))
+    for w in caught: print(f'ssfer: warning: {w.message}', file=sys.stderr)
     print(f'{path}: {int(df["labeled"].sum())} labeled / {len(df)} images')
 
 def _boxes(a):

@@ -19,10 +19,10 @@ from .transforms import as_box, unbox
 # %% auto #0
 __all__ = ['DATASETS', 'RAF_CLASSES', 'RAF_LAYOUT', 'FERPLUS_CLASSES', 'FERPLUS_LAYOUT', 'FERPLUS_FOLDERS', 'AFFECTNET_CLASSES',
            'AFFECTNET_LAYOUT', 'AFFWILD2_CLASSES', 'AFFWILD2_LAYOUT', 'ADIENCE_AGES', 'ADIENCE_LAYOUT', 'IMAGE_EXTS',
-           'DataError', 'Sample', 'load_image', 'build_cache', 'cache_path', 'FERDataset', 'TwoViews', 'Samples',
-           'DatasetSpec', 'read_dataset', 'dataset_classes', 'read_rafdb', 'read_synthfaces', 'ferplus_target',
-           'read_ferplus', 'read_affectnet', 'read_affwild2', 'read_adience', 'read_folder', 'imagefolder_classes',
-           'read_imagefolder', 'check_dataset', 'format_report']
+           'DataError', 'Sample', 'load_image', 'build_cache', 'cache_path', 'box_scale', 'FERDataset', 'TwoViews',
+           'Samples', 'DatasetSpec', 'read_dataset', 'dataset_classes', 'read_rafdb', 'read_synthfaces',
+           'ferplus_target', 'read_ferplus', 'read_affectnet', 'read_affwild2', 'read_adience', 'read_folder',
+           'imagefolder_classes', 'read_imagefolder', 'check_dataset', 'format_report']
 
 # %% ../nbs/10_data.ipynb #176dfc90
 class DataError(ValueError):
@@ -68,7 +68,15 @@ def cache_path(samples: list[Sample],  # the sample list (paths define the conte
     "A cache file name that changes whenever the sample list or the size does."
     return Path(root)/f'{name}-{size}px-{text_hash(chr(10).join(s.path for s in samples))}.npz'
 
-# %% ../nbs/10_data.ipynb #ae098d2f
+# %% ../nbs/10_data.ipynb #95c5bbad
+def box_scale(hw_from,  # [..., 2] (height, width) of the images the boxes are in (e.g. a cache's original sizes `hw`)
+              hw_to,  # [..., 2] (height, width) of the images to map them to (e.g. the cached side, twice)
+             ) -> np.ndarray:
+    "Factors `[..., 4]` (sx, sy, sx, sy) such that `box * box_scale(hw_from, hw_to)` is the box in the pixels of `hw_to`."
+    s = np.asarray(hw_to, np.float64) / np.asarray(hw_from, np.float64)  # [..., 2] (sy, sx)
+    return np.concatenate([s[..., 1:], s[..., :1]] * 2, -1)
+
+# %% ../nbs/10_data.ipynb #306df168
 class FERDataset(Dataset):
     "A torch Dataset of `Sample`s returning `dict(image, label, box, index)` through a box-aware view."
     def __init__(self, samples: list[Sample],  # the images
@@ -92,8 +100,8 @@ class FERDataset(Dataset):
         j = int(self.indices[i]); s = self.samples[j]
         box = self.boxes[j] if self.boxes is not None else s.box
         if self.cache is not None:
-            img = self.cache['images'][j]; (h0, w0), (h, w) = self.cache['hw'][j], img.shape[:2]
-            box = None if box is None else np.asarray(box, np.float32) * np.array([w / w0, h / h0, w / w0, h / h0], np.float32)
+            img = self.cache['images'][j]  # boxes are in original pixels: into the cached image's
+            box = None if box is None else np.asarray(box, np.float64) * box_scale(self.cache['hw'][j], img.shape[:2])
         else: img = load_image(s.path)
         h, w = img.shape[:2]
         x, b = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)), as_box((0, 0, w, h) if box is None else box, (h, w))
@@ -102,7 +110,7 @@ class FERDataset(Dataset):
         if self.targets: out['target'] = torch.tensor(s.meta['target'], dtype=torch.float32)
         return out
 
-# %% ../nbs/10_data.ipynb #d18da628
+# %% ../nbs/10_data.ipynb #9c555df9
 class TwoViews(Dataset):
     "Item i = dict(weak=weak[i], strong=strong[i]) for two datasets over the same samples."
     def __init__(self, weak: Dataset,  # dataset giving the weak view
@@ -113,7 +121,7 @@ class TwoViews(Dataset):
     def __len__(self): return len(self.weak)
     def __getitem__(self, i: int) -> dict: return dict(weak=self.weak[i], strong=self.strong[i])
 
-# %% ../nbs/10_data.ipynb #cd00158c
+# %% ../nbs/10_data.ipynb #a0ac70ac
 class Samples(list):
     "A list of `Sample`s with `notes`: counts of entries skipped on purpose, by reason."
     def __init__(self, items=(), notes: dict | None = None): super().__init__(items); self.notes = dict(notes or {})
@@ -156,7 +164,7 @@ def _int(text: str, src: str, lo: int, hi: int, what: str = 'label') -> int:
     if not lo <= v <= hi: raise DataError(f'{src}: {what} {v} out of range {lo}..{hi}')
     return v
 
-# %% ../nbs/10_data.ipynb #c7f3e2c5
+# %% ../nbs/10_data.ipynb #0bc095be
 RAF_CLASSES = ('Surprise', 'Fear', 'Disgust', 'Happiness', 'Sadness', 'Anger', 'Neutral')
 RAF_LAYOUT = 'the RAF-DB basic layout: EmoLabel/list_patition_label.txt and Image/aligned/<name>_aligned.jpg'
 
@@ -195,7 +203,7 @@ DATASETS.register('rafdb')(DatasetSpec(read_rafdb, lambda root, **o: RAF_CLASSES
 DATASETS.register('synthfaces')(DatasetSpec(read_synthfaces, lambda root, **o: RAF_CLASSES, ('train', 'test', 'unlabeled'),
                                             RAF_LAYOUT + ' (+ boxes.csv, unlabeled/)'))
 
-# %% ../nbs/10_data.ipynb #7a21af46
+# %% ../nbs/10_data.ipynb #2301ebd0
 FERPLUS_CLASSES = ('Neutral', 'Happiness', 'Surprise', 'Sadness', 'Anger', 'Disgust', 'Fear', 'Contempt')
 FERPLUS_LAYOUT = 'the FERPlus layout: FER2013Train/, FER2013Valid/, FER2013Test/ each with label.csv and fer*.png (or fer2013new.csv)'
 
@@ -224,7 +232,7 @@ def ferplus_target(votes,  # 10 vote counts (8 emotions, unknown, NF)
     if out.sum() <= 0.5 * total or count > 3 or np.argmax(out) >= 8: return None  # too spread, or unknown/NF
     return out / out.sum()
 
-# %% ../nbs/10_data.ipynb #20a6b25b
+# %% ../nbs/10_data.ipynb #ede238b9
 FERPLUS_FOLDERS = {'train': ('FER2013Train',), 'valid': ('FER2013Valid',), 'test': ('FER2013Test',)}
 _FERPLUS_USAGE = {'Training': 'FER2013Train', 'PublicTest': 'FER2013Valid', 'PrivateTest': 'FER2013Test'}
 
@@ -280,7 +288,7 @@ def read_ferplus(root: Path, split: str,
 DATASETS.register('ferplus')(DatasetSpec(read_ferplus, lambda root, num_classes=8, **o: FERPLUS_CLASSES[:num_classes],
                                          ('train', 'valid', 'test'), FERPLUS_LAYOUT))
 
-# %% ../nbs/10_data.ipynb #13b1e19b
+# %% ../nbs/10_data.ipynb #e6d9e680
 AFFECTNET_CLASSES = ('Neutral', 'Happiness', 'Sadness', 'Surprise', 'Fear', 'Disgust', 'Anger', 'Contempt')
 AFFECTNET_LAYOUT = ('the AffectNet layout: training.csv/validation.csv + Manually_Annotated_Images/, '
                     'or train_set|val_set/images/<id>.jpg + annotations/<id>_exp.npy')
@@ -322,7 +330,7 @@ for _n in (7, 8):
     DATASETS.register(f'affectnet{_n}')(DatasetSpec(lambda root, split, _n=_n: read_affectnet(root, split, _n),
                                                     lambda root, _n=_n, **o: AFFECTNET_CLASSES[:_n], ('train', 'test'), AFFECTNET_LAYOUT))
 
-# %% ../nbs/10_data.ipynb #833ad1d3
+# %% ../nbs/10_data.ipynb #f1c5438b
 AFFWILD2_CLASSES = ('Neutral', 'Anger', 'Disgust', 'Fear', 'Happiness', 'Sadness', 'Surprise', 'Other')
 AFFWILD2_LAYOUT = 'the Aff-Wild2 layout: <annotations>/EXPR*/Train_Set|Validation_Set/<video>.txt and cropped_aligned/<video>/00001.jpg'
 
@@ -351,7 +359,7 @@ def read_affwild2(root: Path, split: str) -> Samples:
 
 DATASETS.register('affwild2')(DatasetSpec(read_affwild2, lambda root, **o: AFFWILD2_CLASSES, ('train', 'test'), AFFWILD2_LAYOUT))
 
-# %% ../nbs/10_data.ipynb #1139ea7f
+# %% ../nbs/10_data.ipynb #c0c8fef0
 ADIENCE_AGES = ((0, 2), (4, 6), (8, 12), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100))
 ADIENCE_LAYOUT = 'the Adience layout: fold_0_data.txt … fold_4_data.txt and aligned/<user_id>/landmark_aligned_face.<face_id>.<image>'
 
@@ -387,7 +395,7 @@ def read_adience(root: Path, split: str, task: str = 'age', test_fold: int = 0) 
 DATASETS.register('adience')(DatasetSpec(read_adience, lambda root, task='age', **o: ('female', 'male') if task == 'gender' else tuple(f'{a}-{b}' for a, b in ADIENCE_AGES),
                                          ('train', 'test', 'fold0', 'fold1', 'fold2', 'fold3', 'fold4'), ADIENCE_LAYOUT))
 
-# %% ../nbs/10_data.ipynb #2d0521d6
+# %% ../nbs/10_data.ipynb #2f61ce2c
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 def _images(d: Path) -> list[Path]: return sorted(p for p in d.rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
@@ -422,7 +430,7 @@ def read_imagefolder(root: Path, split: str) -> Samples:
 DATASETS.register('folder')(DatasetSpec(read_folder, lambda root, **o: (), ('all',), 'any folder of images'))
 DATASETS.register('imagefolder')(DatasetSpec(read_imagefolder, imagefolder_classes, ('train', 'test', 'all'), '<root>/[train|test/]<class>/*.jpg'))
 
-# %% ../nbs/10_data.ipynb #6746c5ef
+# %% ../nbs/10_data.ipynb #8d16c2f4
 def _check_image(s: Sample, decode: bool):
     src = s.meta.get('src', s.path)
     if not os.path.exists(s.path): raise DataError(f'{src}: missing file {s.path}')

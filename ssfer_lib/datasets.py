@@ -14,7 +14,7 @@ from .transforms import eval_view, strong_view, weak_view
 # %% auto #0
 __all__ = ['synth_datasets', 'dataset_key', 'make_dataset_split', 'build_datasets', 'plot_class_grid']
 
-# %% ../nbs/14_datasets.ipynb #5bbcf674
+# %% ../nbs/14_datasets.ipynb #fc67900d
 def _synth_samples(split: str, arr: dict) -> list[Sample]:
     return [Sample(f'synthfaces/{split}/{i:06d}', int(l), tuple(b), dict(true_label=int(t), identity=int(d)))
             for i, (l, t, b, d) in enumerate(zip(arr['label'], arr['true_label'], arr['box'].tolist(), arr['identity']))]
@@ -42,10 +42,11 @@ def synth_datasets(size: int = 32,  # image side
     cache = lambda a: dict(images=a['images'], hw=np.full((len(a['images']), 2), size))
     train = FERDataset(train_s, weak, cache(tr))
     if split_kind is None: split = draw_split(tr['label'], 'all', num_classes=len(SYNTH_CLASSES))
-    elif split_root is None: split = draw_split(tr['label'], split_kind, split_value, split_seed, len(SYNTH_CLASSES))
+    elif split_root is None: split = draw_split(tr['label'], split_kind, split_value, split_seed, len(SYNTH_CLASSES), SYNTH_CLASSES)
     else:
         name = f'synthfaces-s{seed}-n{n_train}-{size}px' + (f'-noise{label_noise:g}' if label_noise else '')
-        split, _ = make_split(name, [s.path for s in train_s], tr['label'], split_kind, split_value, split_seed, split_root, len(SYNTH_CLASSES))
+        split, _ = make_split(name, [s.path for s in train_s], tr['label'], split_kind, split_value, split_seed, split_root,
+                              len(SYNTH_CLASSES), SYNTH_CLASSES)
     lab, unl = np.flatnonzero(split.labeled.values == 1), np.flatnonzero(split.labeled.values == 0)
     if (split.train_label != split.label).any():  # a noise split: train with the flipped labels
         train_s = [Sample(s.path, int(t), s.box, s.meta) if t >= 0 else s for s, t in zip(train_s, split.train_label)]
@@ -56,7 +57,7 @@ def synth_datasets(size: int = 32,  # image side
     return dict(labeled=FERDataset(train_s, weak, cache(tr), indices=lab), unlabeled=TwoViews(unlabeled, unlabeled.subset(None, strong)),
                 train=train, test=FERDataset(_synth_samples('test', te), test, cache(te)), classes=SYNTH_CLASSES, split=split)
 
-# %% ../nbs/14_datasets.ipynb #0151c005
+# %% ../nbs/14_datasets.ipynb #b4abb29a
 def dataset_key(name: str, **opts) -> str:
     "A file-name key for a dataset and the reader options that change its sample list."
     return '-'.join([name] + [f'{v}' if k in ('mode',) else f'{k}{v}' for k, v in sorted(opts.items()) if k != 'merge_test'])
@@ -70,8 +71,9 @@ def make_dataset_split(name: str,  # a key of DATASETS
                       ) -> tuple:
     "Draw (or reuse) and save a split of a registered dataset's training set; returns (table, csv path)."
     samples = read_dataset(name, data_root, split, **opts)
+    classes = dataset_classes(name, data_root, **{k: v for k, v in opts.items() if k in ('num_classes', 'task')})
     return make_split(dataset_key(name, **opts), [s.path for s in samples], [s.label for s in samples], kind, value, seed, root,
-                      len(dataset_classes(name, data_root, **{k: v for k, v in opts.items() if k in ('num_classes', 'task')})))
+                      len(classes), classes)
 
 # %% ../nbs/14_datasets.ipynb #f59d1adf
 def build_datasets(name: str,  # a key of DATASETS
