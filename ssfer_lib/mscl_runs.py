@@ -94,7 +94,7 @@ def mscl_data(cfg: MSCLConfig) -> dict:
     if cfg.view_bank: train = ViewBank(train, cfg.view_bank, cfg.seed)
     return dict(train=train, test=test, labels=d['train'].labels, classes=list(d['classes']))
 
-# %% ../nbs/24a_mscl_runs.ipynb #eb9a1572
+# %% ../nbs/24a_mscl_runs.ipynb #6da057a1
 def mscl_experiment(cfg: MSCLConfig,  # the run's settings
                     out_dir: str | Path,  # run folder: checkpoints, history, figures, features, metrics.json
                     data: dict | None = None,  # from `mscl_data(cfg)` (share it across runs of one seed); None: built here
@@ -116,9 +116,10 @@ def mscl_experiment(cfg: MSCLConfig,  # the run's settings
     feats, labels = p['features'].numpy(), p['labels'].numpy()
     np.savez_compressed(out/'test_features.npz', features=feats, labels=labels)
     fig = plot_confusion(m['confusion'], d['classes'], title=f'{cfg.method} · {cfg.proj}'); fig.savefig(out/'confusion.png', dpi=110); plt.close(fig)
-    last = hist[-1]
-    metrics = {f'test/{k}': v for k, v in m.items()} | {
-        'best/test/acc': max(h['test/acc'] for h in hist), 'method': cfg.method, 'proj': cfg.proj, 'epochs': cfg.epochs,
+    last, best = hist[-1], max(hist, key=lambda h: h['test/acc'])  # max keeps the first of equal maxima
+    metrics = {f'test/{k}': v for k, v in m.items()} | {'selection': 'last', 'reported_model': 'model'} | {
+        f'{r}/{k}': h[k] for r, h in (('last', last), ('best_test', best)) for k in h if k.startswith('test/')} | {
+        'last/epoch': last['epoch'], 'best_test/epoch': best['epoch'], 'method': cfg.method, 'proj': cfg.proj, 'epochs': cfg.epochs,
         'n_labeled': len(train), 'n_test': len(d['test']), 'classes': d['classes'], 'train_seconds': time.time() - t0,
         'features': 'test_features.npz',  # in the run folder
         'silhouette': float(silhouette_score(feats, labels, metric='cosine')) if len(np.unique(labels)) > 1 else math.nan}
