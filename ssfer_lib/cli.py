@@ -142,13 +142,13 @@ def _add_bench(p):
 
 def _add_version(p): p.set_defaults(fn=_version)
 
-# %% ../nbs/90_cli.ipynb #c5dfb22a
+# %% ../nbs/90_cli.ipynb #8b9d8a51
 def build_parser() -> argparse.ArgumentParser:
     "The `ssfer` argument parser with every subcommand."
     ap = argparse.ArgumentParser(prog='ssfer', description='Semi-supervised facial expression recognition: SSFER, MSCL, DTM.')
     sub = ap.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name, help, add in [('version', 'print versions', _add_version),
-                            ('run', 'run one experiment notebook with papermill', _add_run),
+                            ('run', 'run one experiment notebook with papermill (its options are checked first)', _add_run),
                             ('reproduce', "run every experiment of the paper's tables and render them", _add_reproduce),
                             ('data', 'write SynthFaces, or check a dataset layout', _add_data),
                             ('split', 'draw and save a labeled/unlabeled split (reused by every stage)', _add_split),

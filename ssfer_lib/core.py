@@ -141,13 +141,15 @@ def provenance(config: Any,  # the run's full config (dataclass or dict)
 
 def finish_provenance(prov: dict) -> dict: return prov | dict(finished=now())
 
-# %% ../nbs/00_core.ipynb #833abd9d
+# %% ../nbs/00_core.ipynb #3fa0c796
 def run_dir(name: str,  # run name: a folder under `root`
             root: str | Path = 'outputs/runs',  # where runs live
+            create: bool = True,  # False: only check the name (a runner validates a run before creating anything)
            ) -> Path:
     "The folder of run `name`, created if missing."
     if not name or '/' in name or name.startswith('.'): raise ValueError(f'bad run name {name!r}: use a plain folder name')
-    d = Path(root)/name; d.mkdir(parents=True, exist_ok=True)
+    d = Path(root)/name
+    if create: d.mkdir(parents=True, exist_ok=True)
     return d
 
 class ResultExistsError(FileExistsError): pass
