@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from ssfer_lib.core import init_distributed, seed_everything
-from ssfer_lib.mae import MAEPretrain, build_mae, pretrain, pretrain_config, pretrain_lr
+from ssfer_lib.mae import MAEPretrain
+from ssfer_lib.pretrain import build_mae, pretrain, pretrain_config, pretrain_lr
 from ssfer_lib.train import build_optimizer, build_scheduler, fit
 
 class Images(Dataset):

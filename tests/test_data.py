@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from ssfer_lib.data import DataError, FERDataset, check_dataset, format_report, read_dataset
+from ssfer_lib.data import DataError, FERDataset
+from ssfer_lib.readers import check_dataset, format_report, read_dataset
 from ssfer_lib.splits import draw_split, make_split
 from ssfer_lib.synthfaces import write_synthfaces
 from ssfer_lib.transforms import eval_view, weak_view

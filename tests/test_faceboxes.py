@@ -10,8 +10,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from ssfer_lib.data import load_image
-from ssfer_lib.faceboxes import (BOX_PROVIDERS, box_quality, compute_boxes, detect_boxes, gt_provider, haar_provider,
-                                 paired_iou, train_yolo)
+from ssfer_lib.faceboxes import BOX_PROVIDERS, box_quality, compute_boxes, detect_boxes, gt_provider, haar_provider, paired_iou, train_yolo
 from ssfer_lib.synthfaces import SynthFaces
 from ssfer_lib.transforms import as_box, unbox, weak_view
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssfer_lib.facemix import (KAPPA_METRICS, FaceMixTask, MixupTask, bench_facemix, build_mix_task, facemix_batch,
-                               facemix_loss, pair_indices, soft_cross_entropy)
+from ssfer_lib.facemix import KAPPA_METRICS, FaceMixTask, MixupTask, build_mix_task, facemix_batch, facemix_loss, pair_indices, soft_cross_entropy
+from ssfer_lib.bench import bench_facemix
 from ssfer_lib.finetune import finetune, finetune_config
 from ssfer_lib.vit import create_vit, vit_size
 

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 from ssfer_lib.core import load_weights
-from ssfer_lib.mae import (MAEPretrain, MaskedAutoencoder, build_mae, load_encoder, patchify, pretrain_config, random_masking,
-                           save_encoder, unpatchify)
+from ssfer_lib.mae import MAEPretrain, MaskedAutoencoder, patchify, random_masking, unpatchify
+from ssfer_lib.pretrain import build_mae, pretrain_config
+from ssfer_lib.vit import load_encoder, save_encoder
 from ssfer_lib.train import build_optimizer, build_scheduler, fit
 
 ROOT = Path(__file__).parents[1]
@@ -98,10 +99,10 @@ def test_timm_weights_by_name_fail_clearly_when_not_cached(monkeypatch, tmp_path
 def test_timm_weights_by_name_load_from_the_cache(monkeypatch, tmp_path):
     "A cached timm checkpoint (safetensors, timm key layout, no head) is read like any other."
     from safetensors.torch import save_file
-    import ssfer_lib.mae as mae_mod
+    import ssfer_lib.vit as vit_mod  # encoder loading lives with the ViT
     mae = tiny_mae()
     save_file({k: v.contiguous() for k, v in mae.encoder.state_dict().items()}, str(tmp_path/'model.safetensors'))
-    monkeypatch.setattr(mae_mod, '_timm_weights', lambda name: tmp_path/'model.safetensors')
+    monkeypatch.setattr(vit_mod, '_timm_weights', lambda name: tmp_path/'model.safetensors')
     clf = load_encoder('vit_tiny_patch16_224', 'timm:vit_tiny_patch16_224.fake', img_size=32, patch_size=4, depth=2,
                        embed_dim=48, num_heads=3)
     assert torch.equal(clf.blocks[1].attn.proj.weight, mae.encoder.blocks[1].attn.proj.weight)

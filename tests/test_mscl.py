@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ssfer_lib.mscl import (MSCLTask, MixedViews, contrastive_loss, mix_views, mscl_config, mscl_loss,
-                            multiview_batch, positive_mask, projection_head, scl_loss, sscl_loss, build_mscl_task)
+from ssfer_lib.mscl import MSCLTask, MixedViews, contrastive_loss, mix_views, mscl_loss, multiview_batch, positive_mask, projection_head, scl_loss, sscl_loss
+from ssfer_lib.mimic import mscl_config, build_mscl_task
 from ssfer_lib.vit import create_vit, vit_size
 
 torch.set_num_threads(1)
@@ -161,7 +161,7 @@ def test_multiview_batch_rejects_mismatched_views():
 
 def test_align_faces_moves_the_box_with_the_crop():
     from ssfer_lib.datasets import synth_datasets
-    from ssfer_lib.mscl_runs import align_faces
+    from ssfer_lib.mimic import align_faces
     d = synth_datasets(size=64, n_train=40, n_test=4)
     a = align_faces(d['train'], 32, scale=(1.4, 1.4), shift=0.0)
     for j in range(5):

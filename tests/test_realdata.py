@@ -25,8 +25,8 @@ def test_finetune_then_semi_on_real_ferplus(ferplus_root, tmp_path, monkeypatch)
 def test_mscl_on_real_ferplus(ferplus_root, tmp_path, monkeypatch):
     import numpy as np
     from torch.utils.data import Subset
-    from ssfer_lib.mscl import mscl_config
-    from ssfer_lib.mscl_runs import mscl_data, mscl_experiment
+    from ssfer_lib.mimic import mscl_config
+    from ssfer_lib.mimic import mscl_data, mscl_experiment
     monkeypatch.chdir(tmp_path)
     cfg = mscl_config('test', data='ferplus', data_root=str(ferplus_root), epochs=2)
     assert (cfg.num_classes, cfg.proj_dim) == (8, 512)  # MIMIC's FERPlus defaults win over the preset

@@ -200,8 +200,7 @@ def test_macro_f1_absent_class_counts_zero_and_present_only():
 
 
 def test_one_macro_f1_in_the_library():
-    import ssfer_lib.dtm, ssfer_lib.evaluate, ssfer_lib.semi_train
-    assert ssfer_lib.dtm.macro_f1 is ssfer_lib.evaluate.macro_f1 is ssfer_lib.semi_train.macro_f1
+    import ssfer_lib.evaluate
     lib = Path(ssfer_lib.evaluate.__file__).parent
     defs = [p.name for p in lib.glob('*.py') if 'def macro_f1(' in p.read_text()]
     assert defs == ['evaluate.py'], defs

@@ -117,8 +117,8 @@ def test_tables_label_every_number_column_by_its_selection_rule(tmp_path):
 
 def test_mimic_runs_record_last_epoch_and_best_on_test_under_explicit_keys(tmp_path):
     "MIMIC's runs report the last epoch (no selection); the best test epoch is kept beside under its rule's key."
-    from ssfer_lib.mscl import mscl_config
-    from ssfer_lib.mscl_runs import mscl_experiment
+    from ssfer_lib.mimic import mscl_config
+    from ssfer_lib.mimic import mscl_experiment
     m = mscl_experiment(mscl_config('test', device='cpu'), tmp_path, progress=False)
     hist = json.loads((tmp_path/'history.json').read_text())
     assert m['selection'] == 'last' and abs(m['test/acc'] - m['last/test/acc']) < 1e-9

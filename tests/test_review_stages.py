@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssfer_lib.finetune import finetune, finetune_config
-from ssfer_lib.mae import pretrain, pretrain_config
+from ssfer_lib.pretrain import pretrain, pretrain_config
 from ssfer_lib.semi_train import semi_config, semi_train
 
 torch.set_num_threads(1)

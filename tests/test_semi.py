@@ -6,7 +6,8 @@ import torch
 from scipy.stats import chisquare
 from sklearn.metrics import f1_score
 from torch import nn
-from ssfer_lib.dtm import BalancedSampler, macro_f1, sliding_window_vote, update_class_thresholds
+from ssfer_lib.dtm import BalancedSampler, sliding_window_vote, update_class_thresholds
+from ssfer_lib.evaluate import macro_f1
 from ssfer_lib.semi import EMA, SSL_ALGORITHMS, gradient_report, pseudo_label_mask
 from ssfer_lib.vit import create_vit, vit_size
 
