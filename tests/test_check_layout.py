@@ -78,3 +78,9 @@ def test_imported_modules_forms():
     src = ('import os, fakelib.a\nfrom fakelib.b.sub import x\nfrom .c import y\nfrom . import d\nfrom fakelib import e\n'
            'from other.fakelib import f\nfrom fakelibx import g\ndef h():\n    from ..i import j\n')
     assert [m for m, _ in cl.imported_modules(src, 'fakelib')] == ['a', 'b', 'c', 'd', 'e', 'i']
+
+
+def test_this_repository_reads_in_order():
+    "The re-cut: no notebook imports a later one, no module over 400 lines, no import cycle (tools/check_layout.py)."
+    r = subprocess.run([sys.executable, str(REPO/'tools'/'check_layout.py')], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == 'layout OK', r.stdout + r.stderr
