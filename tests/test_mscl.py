@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ssfer_lib.mscl import MSCLTask, MixedViews, contrastive_loss, mix_views, mscl_loss, multiview_batch, positive_mask, projection_head, scl_loss, sscl_loss
+from ssfer_lib.facemix import mix_flip
+from ssfer_lib.mscl import MSCLTask, MixedViews, contrastive_loss, mscl_loss, multiview_batch, positive_mask, projection_head, scl_loss, sscl_loss
 from ssfer_lib.mimic import mscl_config, build_mscl_task
 from ssfer_lib.vit import create_vit, vit_size
 
@@ -101,8 +102,8 @@ def test_scl_without_mixing_is_supcon(tau):
     assert scl_loss(z, labels, tau).item() == pytest.approx(ref.item(), rel=1e-5)
     # Khosla eq. 2 (L_out^sup) is the sum over the 2B anchors
     assert scl_loss(z, labels, tau, reduction='sum').item() == pytest.approx(2 * B * ref.item(), rel=1e-5)
-    # MSCL with nothing mixed (mix_views mode 'none') and t < 1/2 is the same loss
-    _, soft, lam = mix_views(torch.zeros(2 * B, 3, 4, 4), labels, C, 1.0, 'none')
+    # MSCL with nothing mixed (mix_flip mode 'none') and t < 1/2 is the same loss
+    _, soft, lam = mix_flip(torch.zeros(2 * B, 3, 4, 4), labels, C, 1.0, 'none')
     assert lam == 1.0
     assert mscl_loss(z, soft, labels, t=0.0, tau=tau).item() == pytest.approx(ref.item(), rel=1e-5)
     # self-supervised InfoNCE: SupCon with every image its own class
