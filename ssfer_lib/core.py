@@ -251,11 +251,11 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
     if restore_rng: set_rng_state(ck['rng'])
     return ck
 
-# %% ../nbs/00_core.ipynb #62d60ba7
+# %% ../nbs/00_core.ipynb #795c2cc7
 def file_hash(path: str | Path, n: int = 12) -> str:
     "Short sha256 of a file's bytes (for naming caches and recording inputs)."
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:n]
 
-def text_hash(text: str, n: int = 12) -> str:
-    "Short sha256 of a string."
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
+def text_hash(text: str | bytes | memoryview, n: int = 12) -> str:
+    "Short sha256 of a string, or of raw bytes (e.g. an array's buffer `np.ascontiguousarray(a).data`, hashed without a copy)."
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:n]

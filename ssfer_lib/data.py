@@ -17,7 +17,7 @@ from .core import text_hash
 from .transforms import as_box, unbox
 
 # %% auto #0
-__all__ = ['DataError', 'Sample', 'load_image', 'build_cache', 'cache_path', 'box_scale', 'FERDataset', 'TwoViews']
+__all__ = ['IMAGE_EXTS', 'DataError', 'Sample', 'load_image', 'build_cache', 'cache_path', 'box_scale', 'FERDataset', 'TwoViews']
 
 # %% ../nbs/11_data.ipynb #176dfc90
 class DataError(ValueError):
@@ -38,7 +38,10 @@ def load_image(path: str | Path) -> np.ndarray:
     if img is None: raise DataError(f'{path}: unreadable or corrupt image' if os.path.exists(path) else f'{path}: missing file')
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
-# %% ../nbs/11_data.ipynb #9b016fd3
+# %% ../nbs/11_data.ipynb #a325c64b
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')  # lower case: compare with `path.suffix.lower()`
+
+# %% ../nbs/11_data.ipynb #d2b3af4c
 def build_cache(samples: list[Sample],  # images to decode
                 size: int,  # side of the cached images
                 path: str | Path | None = None,  # .npz file to reuse or write (None: memory only)
@@ -63,7 +66,7 @@ def cache_path(samples: list[Sample],  # the sample list (paths define the conte
     "A cache file name that changes whenever the sample list or the size does."
     return Path(root)/f'{name}-{size}px-{text_hash(chr(10).join(s.path for s in samples))}.npz'
 
-# %% ../nbs/11_data.ipynb #95c5bbad
+# %% ../nbs/11_data.ipynb #189a76de
 def box_scale(hw_from,  # [..., 2] (height, width) of the images the boxes are in (e.g. a cache's original sizes `hw`)
               hw_to,  # [..., 2] (height, width) of the images to map them to (e.g. the cached side, twice)
              ) -> np.ndarray:
@@ -71,7 +74,7 @@ def box_scale(hw_from,  # [..., 2] (height, width) of the images the boxes are i
     s = np.asarray(hw_to, np.float64) / np.asarray(hw_from, np.float64)  # [..., 2] (sy, sx)
     return np.concatenate([s[..., 1:], s[..., :1]] * 2, -1)
 
-# %% ../nbs/11_data.ipynb #306df168
+# %% ../nbs/11_data.ipynb #02f453c7
 class FERDataset(Dataset):
     "A torch Dataset of `Sample`s returning `dict(image, label, box, index)` through a box-aware view."
     def __init__(self, samples: list[Sample],  # the images
@@ -105,7 +108,7 @@ class FERDataset(Dataset):
         if self.targets: out['target'] = torch.tensor(s.meta['target'], dtype=torch.float32)
         return out
 
-# %% ../nbs/11_data.ipynb #9c555df9
+# %% ../nbs/11_data.ipynb #26623ecb
 class TwoViews(Dataset):
     "Item i = dict(weak=weak[i], strong=strong[i]) for two datasets over the same samples."
     def __init__(self, weak: Dataset,  # dataset giving the weak view

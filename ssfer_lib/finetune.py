@@ -102,7 +102,7 @@ def finetune_epochs(cfg: FinetuneConfig, n_labeled: int) -> int:
     "`small_set_epochs` when fewer than `small_set_size` images are labeled (paper §4.2), else `epochs`."
     return cfg.small_set_epochs if cfg.small_set_epochs is not None and n_labeled < cfg.small_set_size else cfg.epochs
 
-# %% ../nbs/41_finetune.ipynb #08f2af14
+# %% ../nbs/41_finetune.ipynb #39350bfe
 def _provider_options(cfg: FinetuneConfig) -> dict:
     if cfg.box_provider in ('yunet', 'yolo'):
         if not cfg.box_model: raise ValueError(f'box_provider={cfg.box_provider!r} needs box_model (the ONNX file or .pt weights)')
@@ -112,28 +112,23 @@ def _provider_options(cfg: FinetuneConfig) -> dict:
 def finetune_data(cfg: FinetuneConfig) -> dict:
     "dict(labeled, test, classes, split, boxes) for a config (boxes: the `FaceBoxes` summary)."
     from ssfer_lib.data import box_scale
-    from ssfer_lib.datasets import build_datasets, synth_datasets
-    split = dict(split_kind=None if cfg.split_kind == 'all' else cfg.split_kind, split_value=cfg.label_ratio, split_seed=cfg.split_seed,
-                 norm=cfg.norm, crop_scale=tuple(cfg.crop_scale))
-    if cfg.data == 'synthfaces':
-        d = synth_datasets(size=cfg.img_size, n_train=cfg.n_train, n_test=cfg.n_test, n_unlabeled=0, seed=cfg.seed,
-                           split_root=cfg.split_root, **split)
-    else:  # a registered reader (rafdb, ferplus, affectnet7, ...) with its default options
-        if not cfg.data_root: raise ValueError(f'data={cfg.data!r} needs data_root (the dataset folder)')
-        d = build_datasets(cfg.data, cfg.data_root, size=cfg.img_size, split_root=cfg.split_root or 'outputs/splits', **split)
-    train = d['train']
-    ids = [s.path for s in train.samples]
-    gt = np.array([s.box if s.box is not None else [np.nan] * 4 for s in train.samples], np.float64).reshape(-1, 4)
-    if train.cache is not None:  # the detector sees the cached images: boxes go into their pixels and come back
-        images, scale = train.cache['images'], box_scale(train.cache['hw'], train.cache['images'].shape[1:3])
-    else: images, scale = [s.path for s in train.samples], np.ones((len(ids), 4))
-    fb = compute_boxes(images, ids, f'{cfg.data}-s{cfg.seed}-n{cfg.n_train}-{cfg.img_size}px', cfg.box_provider,
-                       _provider_options(cfg), gt=gt * scale if cfg.box_provider == 'gt' else None, out_root=cfg.box_root,
-                       progress=False)
-    boxes = fb.boxes.numpy() / scale  # original pixels, as `Sample.box`
-    lab = d['labeled']
-    labeled = FERDataset(lab.samples, lab.transform, lab.cache, boxes.astype(np.float32), lab.indices, lab.targets)
-    return dict(labeled=labeled, test=d['test'], classes=list(d['classes']), split=d['split'], boxes=fb.summary())
+    from ssfer_lib.datasets import stage_datasets
+    found = {}
+    def boxes(train: FERDataset) -> np.ndarray:  # every training image's face box, in original pixels (as `Sample.box`)
+        ids = [s.path for s in train.samples]
+        gt = np.array([s.box if s.box is not None else [np.nan] * 4 for s in train.samples], np.float64).reshape(-1, 4)
+        if train.cache is not None:  # the detector sees the cached images: boxes go into their pixels and come back
+            images, scale = train.cache['images'], box_scale(train.cache['hw'], train.cache['images'].shape[1:3])
+        else: images, scale = [s.path for s in train.samples], np.ones((len(ids), 4))
+        fb = compute_boxes(images, ids, f'{cfg.data}-s{cfg.seed}-n{cfg.n_train}-{cfg.img_size}px', cfg.box_provider,
+                           _provider_options(cfg), gt=gt * scale if cfg.box_provider == 'gt' else None, out_root=cfg.box_root,
+                           progress=False)
+        found['summary'] = fb.summary()
+        return fb.boxes.numpy() / scale
+    d = stage_datasets(cfg.data, cfg.data_root, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed, size=cfg.img_size,
+                       split_kind=cfg.split_kind, split_value=cfg.label_ratio, split_seed=cfg.split_seed, split_root=cfg.split_root,
+                       pool=None, boxes=boxes, norm=cfg.norm, crop_scale=tuple(cfg.crop_scale))
+    return dict(labeled=d['labeled'], test=d['test'], classes=list(d['classes']), split=d['split'], boxes=found['summary'])
 
 # %% ../nbs/41_finetune.ipynb #2224a2b1
 def holdout_indices(labels: np.ndarray,  # class of each labeled image [N]

@@ -79,28 +79,21 @@ def build_mae(cfg: PretrainConfig) -> MaskedAutoencoder:
                              decoder_depth=cfg.decoder_depth, decoder_dim=cfg.decoder_dim, decoder_heads=cfg.decoder_heads,
                              norm_pix_loss=cfg.norm_pix_loss, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads)
 
-# %% ../nbs/40_pretrain.ipynb #b64406ea
-_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
-
+# %% ../nbs/40_pretrain.ipynb #9242d382
 def pretrain_data(cfg: PretrainConfig,
                   n_show: int = 8,  # held-out images for figures
                  ) -> dict:
     "dict(train=the augmented unlabeled pool, show=[n_show, 3, H, W] held-out images)."
-    view = weak_view(cfg.img_size, tuple(cfg.crop_scale), norm=cfg.norm)
-    if cfg.data == 'synthfaces':
-        from ssfer_lib.datasets import synth_datasets
-        d = synth_datasets(size=cfg.img_size, n_train=cfg.n_train, n_test=n_show, n_unlabeled=cfg.n_unlabeled,
-                           seed=cfg.seed, norm=cfg.norm, crop_scale=tuple(cfg.crop_scale))
-        train, show = ConcatDataset([d['train'], d['unlabeled'].weak]), d['test']
-    elif cfg.data == 'folder':
-        from ssfer_lib.data import FERDataset, Sample
-        if not cfg.data_root or not Path(cfg.data_root).is_dir(): raise FileNotFoundError(f'data=folder needs data_root, a folder of face images; got {cfg.data_root!r}')
-        files = sorted(p for p in Path(cfg.data_root).rglob('*') if p.suffix.lower() in _IMAGE_SUFFIXES)
-        if not files: raise FileNotFoundError(f'no images ({", ".join(_IMAGE_SUFFIXES)}) under {cfg.data_root}')
-        samples = [Sample(str(p), -1) for p in files]
-        train, show = FERDataset(samples, view), FERDataset(samples[:n_show], test_view(cfg.img_size, cfg.norm))
-    else: raise NotImplementedError(f'data={cfg.data!r}: pre-training reads synthfaces or a folder of faces (data=folder, data_root=...)')
-    return dict(train=train, show=torch.stack([show[i]['image'] for i in range(min(n_show, len(show)))]))
+    from ssfer_lib.datasets import stage_datasets
+    if cfg.data not in ('synthfaces', 'folder'): raise NotImplementedError(f'data={cfg.data!r}: pre-training reads synthfaces or a folder of faces (data=folder, data_root=...)')
+    folder = cfg.data == 'folder'  # one split, 'all', and no test split: its first images are shown
+    d = stage_datasets(cfg.data, cfg.data_root, n_train=cfg.n_train, n_test=n_show, n_unlabeled=cfg.n_unlabeled, seed=cfg.seed,
+                       size=cfg.img_size, train_split='all' if folder else 'train', test_split=None if folder else 'test',
+                       use_labels=False, pool='one', norm=cfg.norm, crop_scale=tuple(cfg.crop_scale),
+                       cache_root=None)  # a folder's images are decoded when used, at their own size
+    pool = d['unlabeled']
+    show = d['test'] if d['test'] is not None else pool.subset(range(min(n_show, len(pool))), test_view(cfg.img_size, cfg.norm))
+    return dict(train=pool, show=torch.stack([show[i]['image'] for i in range(min(n_show, len(show)))]))
 
 # %% ../nbs/40_pretrain.ipynb #e54d3518
 def _plot_history(history: list[dict]):

@@ -115,18 +115,13 @@ def task_kwargs(cls,  # a task class from SSL_ALGORITHMS
     names = [k for k in inspect.signature(cls).parameters if k not in ('model', 'num_classes')]
     return {k: getattr(cfg, k) for k in names if hasattr(cfg, k)} | {k: v for k, v in objects.items() if k in names}
 
-# %% ../nbs/42_semi_train.ipynb #049511d4
+# %% ../nbs/42_semi_train.ipynb #ffddf1ec
 def semi_data(cfg: SemiConfig) -> dict:
     "dict(labeled, unlabeled (weak/strong pairs), labeled_eval, test, classes, split, and `val` with select='val') for a config."
-    from ssfer_lib.datasets import build_datasets, synth_datasets
-    split = dict(split_kind=cfg.split_kind, split_value=cfg.label_ratio, split_seed=cfg.split_seed, norm=cfg.norm,
-                 crop_scale=tuple(cfg.crop_scale))
-    if cfg.data == 'synthfaces':
-        d = synth_datasets(size=cfg.img_size, n_train=cfg.n_train, n_test=cfg.n_test, n_unlabeled=cfg.n_unlabeled, seed=cfg.seed,
-                           split_root=cfg.split_root, **split)
-    else:  # a registered reader; the unlabeled set is the training images outside the labeled split
-        if not cfg.data_root: raise ValueError(f'data={cfg.data!r} needs data_root (the dataset folder)')
-        d = build_datasets(cfg.data, cfg.data_root, size=cfg.img_size, split_root=cfg.split_root or 'outputs/splits', **split)
+    from ssfer_lib.datasets import stage_datasets
+    d = stage_datasets(cfg.data, cfg.data_root, n_train=cfg.n_train, n_test=cfg.n_test, n_unlabeled=cfg.n_unlabeled, seed=cfg.seed,
+                       size=cfg.img_size, split_kind=cfg.split_kind, split_value=cfg.label_ratio, split_seed=cfg.split_seed,
+                       split_root=cfg.split_root, pool='two', norm=cfg.norm, crop_scale=tuple(cfg.crop_scale))
     if selection_rule(cfg.select) == 'val_selected': d = holdout_val(d, cfg.val_ratio, cfg.split_seed, test_view(cfg.img_size, cfg.norm))
     lab = d['labeled']
     return dict(labeled=lab, unlabeled=d['unlabeled'], labeled_eval=lab.subset(lab.indices, test_view(cfg.img_size, cfg.norm)),

@@ -161,9 +161,9 @@ def test_multiview_batch_rejects_mismatched_views():
 
 
 def test_align_faces_moves_the_box_with_the_crop():
-    from ssfer_lib.datasets import synth_datasets
+    from ssfer_lib.datasets import stage_datasets
     from ssfer_lib.mimic import align_faces
-    d = synth_datasets(size=64, n_train=40, n_test=4)
+    d = stage_datasets(size=64, n_train=40, n_test=4, pool=None)
     a = align_faces(d['train'], 32, scale=(1.4, 1.4), shift=0.0)
     for j in range(5):
         b = a.boxes[j]
