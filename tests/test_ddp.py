@@ -49,3 +49,20 @@ def test_two_processes_make_the_one_process_update(runs, stage):
     if stage == 'finetune_accum':  # DDP's no_sync on the micro-batch that does not step, and only there
         assert r0['no_sync'] == r1['no_sync'] == 1
     else: assert r0['no_sync'] == 0
+
+@pytest.mark.slow
+def test_semi_train_under_torchrun(tmp_path):
+    "The stage-3 entry point (DTM) under torchrun: sharded loaders, the same thresholds/teacher everywhere, per-rank RNG."
+    _run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+          str(ROOT/'tests'/'ddp_semi_train.py'), str(tmp_path)])
+    r0, r1 = (torch.load(tmp_path/f'rank{i}.pt', weights_only=True) for i in range(2))
+    assert r0['world'] == r1['world'] == 2
+    assert 'test/acc' in r0['metrics_keys'] and r1['metrics_keys'] == []  # rank 0 evaluates and writes
+    import json
+    m = json.loads((tmp_path/'run'/'metrics.json').read_text())['metrics']
+    # 126 unlabeled images, 16 per process and step: 3 steps per epoch on each of the 2 processes (one process: 7)
+    assert r0['steps'] == m['steps'] == 2 * (126 // (16 * 2))
+    assert torch.equal(r0['thresholds'], r1['thresholds']) and r0['taus'] == r1['taus']  # all-reduced statistics
+    assert r0['loss'] == r1['loss']  # the logged epoch means are over both processes
+    # every rank's RNG is in last.pt (they differ: seed + rank) and each rank restores its own
+    assert r0['n_rng'] == 2 and not torch.equal(r0['rng'], r1['rng']) and r0['restored'] and r1['restored']
