@@ -150,12 +150,12 @@ class SemiLoader:
         for ld in (self.labeled, self.unlabeled):
             if hasattr(getattr(ld, 'sampler', None), 'set_epoch'): ld.sampler.set_epoch(epoch)
 
-# %% ../nbs/42_semi_train.ipynb #d3227352
+# %% ../nbs/42_semi_train.ipynb #14953789
 def semi_loaders(d: dict,  # from `semi_data`
                  cfg: SemiConfig,
                  use_unlabeled: bool = True,  # False for algorithms that never read the unlabeled views
                 ) -> dict:
-    "dict(train=SemiLoader, labeled_eval, test, and `val` when held out) DataLoaders for a config (shuffling from torch's global RNG)."
+    "dict(train=SemiLoader, labeled_eval, test, and `val` when held out) DataLoaders; one process shuffles from torch's global RNG, torchrun shards."
     import torch.distributed as dist
     from torch.utils.data import DistributedSampler, Subset
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
