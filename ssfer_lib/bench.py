@@ -18,7 +18,7 @@ from .facemix import facemix_batch, FaceMixTask, MixupTask
 from .pretrain import pretrain_config, build_mae
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'bench_mae', 'bench_facemix']
+__all__ = ['BENCHMARKS', 'bench_mae', 'bench_facemix', 'ddp_bench_worker', 'bench_ddp']
 
 # %% ../nbs/80_bench.ipynb #1278c2a6
 def bench_mae(preset: str = 'demo',  # PRETRAIN_PRESETS entry giving the encoder, decoder and image size
@@ -123,3 +123,59 @@ def bench_facemix(out: str | Path | None = 'outputs/bench/facemix.json',  # JSON
 BENCHMARKS = Registry('benchmark')
 BENCHMARKS.register('mae')(bench_mae)
 BENCHMARKS.register('facemix')(bench_facemix)
+
+# %% ../nbs/80_bench.ipynb #fbe38287
+def ddp_bench_worker(out: str,  # JSON written by rank 0
+                     size: str = 'demo', batch_size: int = 32, steps: int = 8, warmup: int = 2, seed: int = 0):
+    "In each process: time `steps` DDP steps (fwd + bwd + all-reduce + AdamW) of a `vit_size(size)` classifier on `batch_size` images."
+    import torch.distributed as dist
+    from ssfer_lib.core import init_distributed
+    from ssfer_lib.vit import create_vit, vit_size
+    torch.set_num_threads(1)
+    rank, world = init_distributed('gloo')
+    torch.manual_seed(seed); vk = vit_size(size)
+    task = Supervised(create_vit(**vk, num_classes=7)); net = task
+    if world > 1: net = torch.nn.parallel.DistributedDataParallel(task)
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(seed + rank)
+    batch = dict(image=torch.randn(batch_size, 3, vk['img_size'], vk['img_size'], generator=g), label=torch.randint(7, (batch_size,), generator=g))
+    times = []
+    for i in range(warmup + steps):
+        if world > 1: dist.barrier()
+        t = time.perf_counter(); net(batch)['loss'].backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        if i >= warmup: times.append(time.perf_counter() - t)
+    med = torch.tensor(float(np.median(times)), dtype=torch.float64)
+    if world > 1: dist.all_reduce(med, dist.ReduceOp.MAX)  # a step lasts as long as its slowest process
+    if rank == 0: atomic_write_json(out, dict(world=world, batch_size=batch_size, seconds_per_step=med.item(), all_seconds=times))
+    if world > 1: dist.destroy_process_group()
+
+def bench_ddp(out: str | Path | None = 'outputs/bench/ddp.json',  # JSON written atomically (None: not written)
+              size: str = 'demo',  # `vit_size` preset of the model
+              batch_size: int = 16,  # B per process; the one-process run takes world × B
+              world: int = 2,  # DDP processes
+              steps: int = 8,  # timed steps (after `warmup`)
+              warmup: int = 2,
+              timeout: float = 1800,  # seconds per run
+             ) -> dict:
+    "DDP on `world` CPU processes (gloo, torchrun) vs one process on the same global batch: seconds per step and scaling efficiency."
+    import json, os, subprocess, sys, tempfile
+    tmp = Path(tempfile.mkdtemp())
+    def run(n):
+        code = (f'from ssfer_lib.bench import ddp_bench_worker; ddp_bench_worker({str(tmp/f"w{n}.json")!r}, {size!r}, '
+                f'{batch_size * world // n}, {steps}, {warmup})')
+        cmd = [sys.executable, '-c', code] if n == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                            '--nproc_per_node', str(n), '--no-python', sys.executable, '-c', code]
+        env = dict(os.environ, OMP_NUM_THREADS='1')
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0: raise RuntimeError(f'bench_ddp: the {n}-process run failed:\n{p.stderr[-2000:]}')
+        return json.loads((tmp/f'w{n}.json').read_text())
+    one, many = run(1), run(world)
+    speedup = one['seconds_per_step'] / many['seconds_per_step']
+    res = dict(world=world, global_batch=batch_size * world, one_process_s=one['seconds_per_step'], ddp_s=many['seconds_per_step'],
+               speedup=speedup, efficiency=speedup / world, clock='wall clock, median step (DDP: slowest rank)',
+               setup=dict(size=size, batch_size_per_process=batch_size, steps=steps, warmup=warmup, threads_per_process=1,
+                          cpus=os.cpu_count(), host=platform.node(), packages=package_versions(), time=now()))
+    if out is not None: atomic_write_json(out, res)
+    return res
+
+BENCHMARKS.register('ddp')(bench_ddp)

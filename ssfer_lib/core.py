@@ -25,8 +25,8 @@ import torch
 __all__ = ['PACKAGES', 'Registry', 'seed_everything', 'seed_worker', 'get_device', 'init_distributed', 'is_main_process',
            'atomic_write', 'atomic_write_json', 'atomic_write_text', 'git_state', 'package_versions', 'now',
            'provenance', 'finish_provenance', 'run_dir', 'ResultExistsError', 'write_metrics', 'read_metrics',
-           'start_run', 'load_weights', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint', 'file_hash',
-           'text_hash']
+           'start_run', 'load_weights', 'rng_state', 'set_rng_state', 'rank_rng_states', 'own_rng_state',
+           'save_checkpoint', 'load_checkpoint', 'file_hash', 'text_hash']
 
 # %% ../nbs/00_core.ipynb #ff6811cb
 def _definition(obj) -> object:
@@ -201,7 +201,7 @@ def start_run(cfg: Any,  # the run's config: a dataclass with a `seed` field
     out.mkdir(parents=True, exist_ok=True)
     return out, provenance(cfg, cfg.seed), seed_everything(cfg.seed + rank)
 
-# %% ../nbs/00_core.ipynb #6cd51c30
+# %% ../nbs/00_core.ipynb #97a598ac
 def load_weights(path: str | Path, map_location='cpu') -> Any:
     "`torch.load` with `weights_only=True` (never unpickles code); a clear error for a missing file."
     if not Path(path).exists(): raise FileNotFoundError(f'checkpoint not found: {path}')
@@ -223,16 +223,37 @@ def set_rng_state(st: dict):
     torch.set_rng_state(st['torch'])
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
-# %% ../nbs/00_core.ipynb #882e5169
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def rank_rng_states() -> list[dict]:
+    "Every process's `rng_state()`, by rank (a collective under torchrun: all ranks must call it); `[rng_state()]` otherwise."
+    rank, world = _dist_rank_world()
+    if world == 1: return [rng_state()]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, rng_state())
+    return out
+
+def own_rng_state(ck: dict) -> dict:
+    "This process's RNG state in a checkpoint: its rank's entry of `rng_ranks` when the world size matches, else `rng` (rank 0's)."
+    rank, world = _dist_rank_world()
+    ranks = ck.get('rng_ranks')
+    return ranks[rank] if ranks is not None and len(ranks) == world else ck['rng']
+
+# %% ../nbs/00_core.ipynb #43ea5f68
 def save_checkpoint(path: str | Path,  # destination (written atomically)
                     *, epoch: int, step: int,  # position in training: epochs completed, optimizer steps done
                     model: torch.nn.Module,  # the module to save (for task modules: the task, so EMA/thresholds come along)
                     optimizer=None, scheduler=None, scaler=None,  # training state objects (anything with state_dict)
                     extra: dict | None = None,  # e.g. config, history (plain values only)
+                    rng: list[dict] | None = None,  # every rank's RNG state (`rank_rng_states`), so each rank resumes its own
                    ) -> Path:
     "Atomically save a resumable checkpoint (states + RNG + position)."
     m = model.module if hasattr(model, 'module') else model  # unwrap DDP
     ck = dict(model=m.state_dict(), epoch=epoch, step=step, rng=rng_state(), extra=extra or {})
+    if rng is not None: ck['rng_ranks'] = rng
     for k, o in dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler).items():
         if o is not None: ck[k] = o.state_dict()
     return atomic_write(path, lambda f: torch.save(ck, f))
@@ -248,7 +269,7 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
         if o is not None:
             if k not in ck: raise KeyError(f'checkpoint {path} has no {k} state to resume from')
             o.load_state_dict(ck[k])
-    if restore_rng: set_rng_state(ck['rng'])
+    if restore_rng: set_rng_state(own_rng_state(ck))
     return ck
 
 # %% ../nbs/00_core.ipynb #795c2cc7

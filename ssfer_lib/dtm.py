@@ -15,33 +15,44 @@ from .semi import EMA, SSL_ALGORITHMS, SemiTask, _views, masked_cross_entropy, p
 # %% auto #0
 __all__ = ['BalancedSampler', 'update_class_thresholds', 'DTM', 'plot_thresholds', 'sliding_window_vote']
 
-# %% ../nbs/36_dtm.ipynb #4fc9007f
+# %% ../nbs/36_dtm.ipynb #a924240a
 class BalancedSampler(Sampler[int]):
     "Indices drawn class-uniformly: a class at random, then one of its samples at random."
     def __init__(self, labels,  # class index per sample [N] (-1: never drawn)
                  num_samples: int | None = None,  # draws per pass (None: N)
                  generator: torch.Generator | None = None,  # explicit randomness (None: torch's global RNG)
+                 num_replicas: int | None = None,  # processes sharing the draws (None: the torchrun world size, else 1)
+                 rank: int | None = None,  # this process (None: its torchrun rank, else 0)
                 ):
+        import torch.distributed as dist
+        on = dist.is_available() and dist.is_initialized()
+        self.world = num_replicas or (dist.get_world_size() if on else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if on else 0)
         labels = torch.as_tensor(labels)
         self.groups = [torch.nonzero(labels == c).flatten() for c in labels[labels >= 0].unique()]
         if not self.groups: raise ValueError('BalancedSampler needs at least one labeled sample (label >= 0)')
         self.sizes = torch.tensor([len(g) for g in self.groups])
         self.num_samples, self.generator = num_samples or len(labels), generator
 
-    def __len__(self): return self.num_samples
+    def __len__(self): return -(-self.num_samples // self.world)  # each process's share (ceil)
 
     def __iter__(self):
+        # Under torchrun every process draws the same whole stream (a generator seeded alike on every rank) and keeps
+        # every world-th index from its rank, as DistributedSampler does: disjoint shares, and 2 processes × B see the
+        # draws one process × 2B sees. Without a generator each rank's global RNG differs: still disjoint in law.
         g = self.generator or torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-        cls = torch.randint(len(self.groups), (self.num_samples,), generator=g)
-        pos = (torch.rand(self.num_samples, generator=g) * self.sizes[cls]).long()
-        return iter([self.groups[c][p].item() for c, p in zip(cls.tolist(), pos.tolist())])
+        total = len(self) * self.world
+        cls = torch.randint(len(self.groups), (total,), generator=g)
+        pos = (torch.rand(total, generator=g) * self.sizes[cls]).long()
+        return iter([self.groups[c][p].item() for c, p in zip(cls[self.rank::self.world].tolist(), pos[self.rank::self.world].tolist())])
 
-# %% ../nbs/36_dtm.ipynb #d75d9c8b
+# %% ../nbs/36_dtm.ipynb #543fb77f
 def update_class_thresholds(prev: torch.Tensor,  # thresholds of the previous epoch [C]
                             probs: torch.Tensor,  # network B's probabilities on the labeled set [N, C]
                             labels: torch.Tensor,  # true labels [N]
                             preds: torch.Tensor,  # network B's predicted classes [N]
                             mu: float = 0.9,  # weight of the previous threshold (Eq. 8; 0.9 in §4.2)
+                            all_reduce: bool = False,  # under torchrun: sum the per-class counts and confidences of every process's shard
                            ) -> torch.Tensor:
     "Eqs. (7)–(8): per class, μ·previous + (1 − μ)·mean confidence on correct predictions; no correct one keeps previous."
     C = len(prev)
@@ -49,10 +60,14 @@ def update_class_thresholds(prev: torch.Tensor,  # thresholds of the previous ep
     conf = probs.gather(1, labels[:, None]).squeeze(1).float()  # p of the true class [N]
     n = torch.zeros(C).index_add_(0, labels, hit)
     s = torch.zeros(C).index_add_(0, labels, hit * conf)
+    import torch.distributed as dist
+    if all_reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ns = torch.stack([n, s]).to('cuda' if dist.get_backend() == 'nccl' else 'cpu')
+        dist.all_reduce(ns); n, s = ns.cpu()  # every rank computes the same thresholds from the same sums
     new = s / n.clamp(min=1)
     return torch.where(n > 0, mu * prev.float() + (1 - mu) * new, prev.float())
 
-# %% ../nbs/36_dtm.ipynb #23b72235
+# %% ../nbs/36_dtm.ipynb #1df2a1fb
 @SSL_ALGORITHMS.register('dtm')
 class DTM(SemiTask):
     "DTM: fused weak/strong pseudo-labels above per-class thresholds learned by an EMA network on labeled data."
@@ -89,7 +104,7 @@ class DTM(SemiTask):
         "Eqs. (6)–(8) on `labeled_loader` with network B; returns the new thresholds."
         p = predict(self.teacher.module, self.labeled_loader, self.thresholds.device)
         probs = p['logits'].softmax(1)
-        new = update_class_thresholds(self.thresholds.cpu(), probs, p['labels'], probs.argmax(1), self.thr_momentum)
+        new = update_class_thresholds(self.thresholds.cpu(), probs, p['labels'], probs.argmax(1), self.thr_momentum, all_reduce=True)
         self.thresholds.copy_(new)
         return self.thresholds
 

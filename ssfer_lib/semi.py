@@ -79,8 +79,20 @@ def pseudo_label_stats(pseudo: torch.Tensor,  # pseudo-labels [N]
     return dict(used_known=(mask & known).sum(), used_correct=(mask & hit).sum(), known=known.sum(), correct=hit.sum(),
                 per_class=torch.bincount(pseudo[mask], minlength=num_classes))
 
-# %% ../nbs/35_semi.ipynb #0dbc40a1
+# %% ../nbs/35_semi.ipynb #134e0dbf
 SSL_ALGORITHMS = Registry('SSL algorithm')
+
+def _sum_over_ranks(stats: dict) -> dict:
+    "Under torchrun, the epoch's pseudo-label counts summed over every process's shard (all ranks then log the same); else as given."
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1): return stats
+    keys = sorted(stats)  # the same on every rank: each ran the same number of steps
+    flat = torch.cat([torch.as_tensor(stats[k], dtype=torch.long).reshape(-1) for k in keys])
+    flat = flat.to('cuda' if dist.get_backend() == 'nccl' else 'cpu'); dist.all_reduce(flat); flat = flat.cpu()
+    out, i = {}, 0
+    for k in keys:
+        n = torch.as_tensor(stats[k]).numel(); out[k] = flat[i:i + n].reshape(torch.as_tensor(stats[k]).shape); i += n
+    return out
 
 class SemiTask(Task):
     "Base of semi-supervised tasks: the student is `self.model`; pseudo-label counts are summed per epoch."
@@ -98,7 +110,7 @@ class SemiTask(Task):
 
     def after_epoch(self, epoch: int) -> dict:
         "The epoch's pseudo-label accuracy (of the used ones / of all, on known hidden labels) and per-class counts."
-        s, out = {k: v.tolist() for k, v in self._stats.items()}, {}
+        s, out = {k: v.tolist() for k, v in _sum_over_ranks(self._stats).items()}, {}
         rate = lambda a, b: a / b if b > 0 else float('nan')
         if 'known' in s:  # the mask rate is the loop's average of the per-step `train/mask_rate`
             out['pl/acc'] = rate(s['used_correct'], s['used_known'])  # used pseudo-labels that are right
