@@ -26,7 +26,7 @@ __all__ = ['FINETUNE_PRESETS', 'SELECT_RULES', 'RULE_NAMES', 'FinetuneConfig', '
            'finetune_data', 'holdout_indices', 'holdout_val', 'selection_rule', 'rule_metrics', 'finetune_model',
            'finetune']
 
-# %% ../nbs/41_finetune.ipynb #1ba3dea8
+# %% ../nbs/41_finetune.ipynb #4902f9a5
 @dataclasses.dataclass
 class FinetuneConfig:
     "Stage-2 (supervised fine-tuning) settings; defaults are the paper's."
@@ -35,7 +35,7 @@ class FinetuneConfig:
     n_train: int = 2000  # SynthFaces training images
     n_test: int = 1000  # SynthFaces test images
     split_kind: str = 'ratio'  # labeled split: 'ratio', 'per_class', 'total', 'noise', 'all'
-    label_ratio: float = 0.1  # the split's value (ratio, labels per class, total, noise rate)
+    split_value: float = 0.1  # the value of `split_kind`: a ratio, labels per class, a total, a noise rate
     split_seed: int = 0
     split_root: str | None = 'outputs/splits'  # saved splits (None: drawn in memory)
     norm: str = 'fer'  # 'fer' or 'imagenet' normalization
@@ -51,11 +51,11 @@ class FinetuneConfig:
     num_heads: int | None = None
     init: str = 'scratch'  # 'scratch', an MAE/fine-tune checkpoint path, or 'timm:<name.tag>'
     global_pool: str = 'token'  # 'token' or 'avg'
-    drop_path: float = 0.1
+    drop_path_rate: float = 0.1
     mix: str = 'facemix'  # 'none', 'mixup', 'cutmix', 'facemix', 'mscl', 'facemix+mscl' (a name in MIX_TASKS)
     alpha: float = 1.0  # λ ~ Beta(α, α)
     kappa: str = 'iou'  # FaceMix κ: 'iou', 'psnr', 'ssim', 'fsim'
-    loss: str = 'L4'  # FaceMix loss 'L1' … 'L4'
+    facemix_loss: str = 'L4'  # FaceMix loss 'L1' … 'L4'
     label_smoothing: float = 0.1
     mscl_lam: float = 0.1  # 'mscl', 'facemix+mscl': weight λ of the contrastive term (MIMIC Eq. 14)
     mscl_t: float = 0.5  # label-distance threshold of a positive (MIMIC Eq. 13)
@@ -85,8 +85,8 @@ class FinetuneConfig:
 FINETUNE_PRESETS = {
     'paper': {},
     'demo': dict(vit_size('demo'), n_train=1400, n_test=700, epochs=60, warmup_epochs=3, small_set_epochs=None, lr=1e-3,
-                 min_lr=1e-5, warmup_lr=1e-4, crop_scale=(0.5, 1.0), drop_path=0.1),
-    'test': dict(vit_size('test'), n_train=56, n_test=28, label_ratio=0.5, epochs=2, warmup_epochs=1, small_set_epochs=None,
+                 min_lr=1e-5, warmup_lr=1e-4, crop_scale=(0.5, 1.0), drop_path_rate=0.1),
+    'test': dict(vit_size('test'), n_train=56, n_test=28, split_value=0.5, epochs=2, warmup_epochs=1, small_set_epochs=None,
                  batch_size=8, lr=1e-3, crop_scale=(0.5, 1.0), split_root=None),
 }
 
@@ -102,7 +102,7 @@ def finetune_epochs(cfg: FinetuneConfig, n_labeled: int) -> int:
     "`small_set_epochs` when fewer than `small_set_size` images are labeled (paper §4.2), else `epochs`."
     return cfg.small_set_epochs if cfg.small_set_epochs is not None and n_labeled < cfg.small_set_size else cfg.epochs
 
-# %% ../nbs/41_finetune.ipynb #08f2af14
+# %% ../nbs/41_finetune.ipynb #dc1e35a7
 def _provider_options(cfg: FinetuneConfig) -> dict:
     if cfg.box_provider in ('yunet', 'yolo'):
         if not cfg.box_model: raise ValueError(f'box_provider={cfg.box_provider!r} needs box_model (the ONNX file or .pt weights)')
@@ -113,7 +113,7 @@ def finetune_data(cfg: FinetuneConfig) -> dict:
     "dict(labeled, test, classes, split, boxes) for a config (boxes: the `FaceBoxes` summary)."
     from ssfer_lib.data import box_scale
     from ssfer_lib.datasets import build_datasets, synth_datasets
-    split = dict(split_kind=None if cfg.split_kind == 'all' else cfg.split_kind, split_value=cfg.label_ratio, split_seed=cfg.split_seed,
+    split = dict(split_kind=None if cfg.split_kind == 'all' else cfg.split_kind, split_value=cfg.split_value, split_seed=cfg.split_seed,
                  norm=cfg.norm, crop_scale=tuple(cfg.crop_scale))
     if cfg.data == 'synthfaces':
         d = synth_datasets(size=cfg.img_size, n_train=cfg.n_train, n_test=cfg.n_test, n_unlabeled=0, seed=cfg.seed,
@@ -188,14 +188,14 @@ def rule_metrics(history: list[dict],  # `fit`'s per-epoch logs (with `test/…`
                 for s in ('test', 'val') if k.startswith(f'{s}/{network}/')}
     return out
 
-# %% ../nbs/41_finetune.ipynb #e4ea16d7
+# %% ../nbs/41_finetune.ipynb #0b333502
 def finetune_model(cfg: FinetuneConfig, num_classes: int) -> torch.nn.Module:
     "The classifier a config starts from."
     from ssfer_lib.vit import init_classifier
     return init_classifier(cfg.model, cfg.init, num_classes, cfg.img_size, global_pool=cfg.global_pool,
-                           drop_path_rate=cfg.drop_path, **vit_arch(cfg))
+                           drop_path_rate=cfg.drop_path_rate, **vit_arch(cfg))
 
-# %% ../nbs/41_finetune.ipynb #77eee364
+# %% ../nbs/41_finetune.ipynb #46514d10
 def finetune(cfg: FinetuneConfig,  # the run's settings
              out_dir: str | Path,  # run folder: checkpoints, history, figure, metrics.json
              progress: bool = True,  # tqdm bars
@@ -210,7 +210,7 @@ def finetune(cfg: FinetuneConfig,  # the run's settings
     if rule == 'val_selected': d = holdout_val(d, cfg.val_ratio, cfg.split_seed, test_view(cfg.img_size, cfg.norm))
     n_lab = len(d['labeled'])
     model = finetune_model(cfg, K)
-    task = build_mix_task(cfg.mix, model, K, alpha=cfg.alpha, kappa=cfg.kappa, loss=cfg.loss, label_smoothing=cfg.label_smoothing,
+    task = build_mix_task(cfg.mix, model, K, alpha=cfg.alpha, kappa=cfg.kappa, loss=cfg.facemix_loss, label_smoothing=cfg.label_smoothing,
                           norm=cfg.norm, seed=cfg.seed, lam=cfg.mscl_lam, t=cfg.mscl_t, tau=cfg.mscl_tau, proj=cfg.proj,
                           proj_dim=cfg.proj_dim)
     train = TwoViews(d['labeled'], d['labeled']) if task.two_views else d['labeled']  # two draws of the random views

@@ -31,7 +31,7 @@ __all__ = ['DATA_DEFAULTS', 'MSCL_PRESETS', 'METHODS', 'FIG6_GRID', 'MSCLConfig'
            'mscl_optimizer', 'fit_mscl', 'align_faces', 'ViewBank', 'mscl_data', 'mscl_experiment', 'tsne_figure',
            'sweep_points', 'sensitivity_sweep', 'sensitivity_figure', 'mscl_sweep']
 
-# %% ../nbs/43_mimic.ipynb #7a0ca3d7
+# %% ../nbs/43_mimic.ipynb #6ea21bf1
 @dataclass
 class MSCLConfig:
     "MIMIC fine-tuning settings; defaults are the paper's RAF-DB recipe."
@@ -56,10 +56,10 @@ class MSCLConfig:
     method: str = 'mscl'  # a key of METHODS: ce, ce+mix, sscl, scl, mscl, facemix, facemix+mscl
     proj: str = 'dense'  # projection head: none, linear, dense (Table III)
     proj_dim: int = 128  # projection size (Fig. 6)
-    t: float = 0.5  # label-distance threshold (Eq. 13)
-    norm: float = math.inf  # norm of the label distance
-    tau: float = 0.07  # temperature
-    lam: float = 0.1  # weight of the contrastive loss (Eq. 14)
+    mscl_t: float = 0.5  # label-distance threshold (Eq. 13)
+    mscl_norm: float = math.inf  # norm of the label distance
+    mscl_tau: float = 0.07  # temperature
+    mscl_lam: float = 0.1  # weight of the contrastive loss (Eq. 14)
     mixup_alpha: float = 2.0  # Beta(α, α) (Eq. 9)
     cutmix_alpha: float = 2.0
     switch_prob: float = 0.5  # P(CutMix) per batch
@@ -102,7 +102,7 @@ def mscl_config(preset: str = 'paper',  # 'paper', 'demo' or 'test'
     if data not in DATA_DEFAULTS: raise KeyError(f'unknown data set {data!r}; choose one of: {", ".join(DATA_DEFAULTS)}')
     return update_config(update_config(cfg, DATA_DEFAULTS[data], source=f'data {data}'), overrides)
 
-# %% ../nbs/43_mimic.ipynb #c1b3a7d9
+# %% ../nbs/43_mimic.ipynb #46c99bfa
 METHODS = {  # name → (base task, mix the views, positives)
     'ce': ('views', False, None), 'ce+mix': ('views', True, None), 'sscl': ('views', False, 'sscl'),
     'scl': ('views', False, 'scl'), 'mscl': ('views', True, 'mscl'),
@@ -126,7 +126,7 @@ def build_mscl_task(cfg: MSCLConfig,  # settings (`method` picks the task)
         base = MixedViews(model, cfg.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.switch_prob, cfg.mix_prob if mix else 0.0, cfg.seed)
     else: base = FaceMixViews(model, cfg.num_classes, cfg.facemix_alpha, cfg.kappa, cfg.facemix_loss, cfg.label_smoothing, seed=cfg.seed)
     if positives is None: return base
-    return MSCLTask(base, projection_head(cfg.proj, model.num_features, cfg.proj_dim), cfg.lam, positives, cfg.t, cfg.tau, cfg.norm)
+    return MSCLTask(base, projection_head(cfg.proj, model.num_features, cfg.proj_dim), cfg.mscl_lam, positives, cfg.mscl_t, cfg.mscl_tau, cfg.mscl_norm)
 
 # %% ../nbs/43_mimic.ipynb #3f70272a
 def mscl_optimizer(task: Task,  # any task with `.model` (the ViT) and possibly other trainable parts
@@ -293,9 +293,9 @@ def tsne_figure(embeddings: dict,  # method name → (features [N, D], labels [N
     fig.tight_layout()
     return fig, scores
 
-# %% ../nbs/43_mimic.ipynb #c1c621c1
+# %% ../nbs/43_mimic.ipynb #068ac7f1
 FIG6_GRID = dict(proj_dim=[32, 64, 128, 256, 512], batch_size=[16, 32, 64, 128],
-                 lam=[0.01, 0.05, 0.1, 0.5, 1.0], tau=[0.03, 0.07, 0.1, 0.2, 0.5])
+                 mscl_lam=[0.01, 0.05, 0.1, 0.5, 1.0], mscl_tau=[0.03, 0.07, 0.1, 0.2, 0.5])
 
 def sweep_points(base: dict,  # default settings (e.g. `dataclasses.asdict(cfg)`)
                  grid: dict,  # parameter → values

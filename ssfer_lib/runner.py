@@ -96,7 +96,7 @@ def check_vit(cfg) -> None:
     if hasattr(cfg, 'init'): check_init(cfg.init)  # stage 1 starts from scratch
     if hasattr(cfg, 'global_pool'): check_choice('global_pool', cfg.global_pool, ('token', 'avg'))
 
-# %% ../nbs/50_runner.ipynb #4d5448a7
+# %% ../nbs/50_runner.ipynb #c1dde61b
 EXPERIMENT_CONFIGS = Registry('experiment notebook')
 
 def _given(params: dict) -> dict:
@@ -119,19 +119,19 @@ def finetune_run_config(preset: str = 'paper',  # a name in FINETUNE_PRESETS
     cfg = finetune_config(preset, **check_fields(FinetuneConfig, _given(params)))
     check_data(cfg.data, cfg.data_root, DATASETS)
     for name, choices in (('split_kind', SPLIT_KINDS), ('norm', NORMS), ('mix', MIX_TASKS), ('kappa', KAPPA_METRICS),
-                          ('loss', FACEMIX_LOSSES), ('proj', PROJECTION_HEADS), ('box_provider', BOX_PROVIDERS)):
+                          ('facemix_loss', FACEMIX_LOSSES), ('proj', PROJECTION_HEADS), ('box_provider', BOX_PROVIDERS)):
         check_choice(name, getattr(cfg, name), choices)
     if cfg.box_provider in ('yunet', 'yolo') and not (cfg.box_model and Path(cfg.box_model).is_file()):
         raise FileNotFoundError(f'box_provider {cfg.box_provider!r} needs box_model, an existing ONNX file or .pt weights; got {cfg.box_model!r}')
     check_vit(cfg)
     return cfg
 
-# %% ../nbs/50_runner.ipynb #b22d4de8
+# %% ../nbs/50_runner.ipynb #8ae915af
 @EXPERIMENT_CONFIGS.register('semi')
 def semi_run_config(algorithm: str = 'ema_teacher',  # a name in SSL_ALGORITHMS
                     preset: str = 'paper',  # a name in SEMI_PRESETS
                     vit: str | None = None,  # a name in VIT_SIZES (its model and sizes; explicit fields win)
-                    labels_per_class: int | None = None,  # shorthand for split_kind='per_class', label_ratio=labels_per_class
+                    labels_per_class: int | None = None,  # shorthand for split_kind='per_class', split_value=labels_per_class
                     **params,  # SemiConfig fields (None: the recipe's or preset's value)
                    ):
     "`semi.ipynb`'s parameters → its validated `SemiConfig` (stage 3)."
@@ -143,7 +143,7 @@ def semi_run_config(algorithm: str = 'ema_teacher',  # a name in SSL_ALGORITHMS
     from ssfer_lib.vit import VIT_SIZES, vit_size
     check_choice('algorithm', algorithm, SSL_ALGORITHMS); check_choice('preset', preset, SEMI_PRESETS)
     if vit is not None: check_choice('vit', vit, VIT_SIZES)
-    if labels_per_class is not None: params |= dict(split_kind='per_class', label_ratio=labels_per_class)
+    if labels_per_class is not None: params |= dict(split_kind='per_class', split_value=labels_per_class)
     cfg = semi_config(algorithm, preset, **check_fields(SemiConfig, (vit_size(vit) if vit else {}) | _given(params)))
     check_data(cfg.data, cfg.data_root, DATASETS)
     for name, choices in (('split_kind', SPLIT_KINDS), ('norm', NORMS), ('sched', ('cosine', 'fixed'))):

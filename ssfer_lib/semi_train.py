@@ -27,7 +27,7 @@ __all__ = ['SEMI_RECIPES', 'SEMI_PRESETS', 'REPORTED_NETWORK', 'NETWORK_NAMES', 
            'semi_data', 'SemiLoader', 'semi_loaders', 'semi_model', 'plot_pseudo_labels', 'evaluate_models',
            'reported_network', 'semi_train']
 
-# %% ../nbs/42_semi_train.ipynb #f7b709bf
+# %% ../nbs/42_semi_train.ipynb #fdaf4e28
 @dataclasses.dataclass
 class SemiConfig:
     "Stage-3 settings; defaults are SSFER's (§4.2, else its official code), other algorithms' recipes are in `SEMI_RECIPES`."
@@ -38,7 +38,7 @@ class SemiConfig:
     n_test: int = 1000  # SynthFaces test images
     n_unlabeled: int = 0  # extra unlabeled pool images (other identities)
     split_kind: str = 'ratio'  # labeled split: 'ratio', 'per_class', 'total' (same split as stage 2)
-    label_ratio: float = 0.1  # the split's value (ratio, labels per class or total)
+    split_value: float = 0.1  # the value of `split_kind`: a ratio, labels per class, a total
     split_seed: int = 0
     split_root: str | None = 'outputs/splits'  # saved splits (None: drawn in memory)
     norm: str = 'fer'  # 'fer' or 'imagenet' normalization
@@ -50,7 +50,7 @@ class SemiConfig:
     embed_dim: int | None = None
     num_heads: int | None = None
     global_pool: str = 'token'
-    drop_path: float = 0.1
+    drop_path_rate: float = 0.1
     init: str = 'scratch'  # 'scratch' or the stage-2 checkpoint (a `fit` last.pt/best.pt, or a plain state dict)
     epochs: int = 50
     steps_per_epoch: int | None = None  # None: one pass over the unlabeled set
@@ -80,7 +80,7 @@ class SemiConfig:
     device: str = 'auto'
     seed: int = 0
 
-# %% ../nbs/42_semi_train.ipynb #d68796a7
+# %% ../nbs/42_semi_train.ipynb #f8a1d6f4
 SEMI_RECIPES = {
     'ema_teacher': {},
     'supervised': {},
@@ -92,7 +92,7 @@ SEMI_PRESETS = {
     'paper': {},
     'demo': dict(vit_size('demo'), n_train=1400, n_test=700, n_unlabeled=1400, epochs=6, steps_per_epoch=None,
                  batch_size=32, uratio=2, crop_scale=(0.5, 1.0)),
-    'test': dict(vit_size('test'), n_train=140, n_test=70, n_unlabeled=0, split_kind='per_class', label_ratio=2,
+    'test': dict(vit_size('test'), n_train=140, n_test=70, n_unlabeled=0, split_kind='per_class', split_value=2,
                  epochs=2, steps_per_epoch=None, batch_size=8, uratio=2, crop_scale=(0.5, 1.0), split_root=None),
 }
 
@@ -115,11 +115,11 @@ def task_kwargs(cls,  # a task class from SSL_ALGORITHMS
     names = [k for k in inspect.signature(cls).parameters if k not in ('model', 'num_classes')]
     return {k: getattr(cfg, k) for k in names if hasattr(cfg, k)} | {k: v for k, v in objects.items() if k in names}
 
-# %% ../nbs/42_semi_train.ipynb #049511d4
+# %% ../nbs/42_semi_train.ipynb #deeb013e
 def semi_data(cfg: SemiConfig) -> dict:
     "dict(labeled, unlabeled (weak/strong pairs), labeled_eval, test, classes, split, and `val` with select='val') for a config."
     from ssfer_lib.datasets import build_datasets, synth_datasets
-    split = dict(split_kind=cfg.split_kind, split_value=cfg.label_ratio, split_seed=cfg.split_seed, norm=cfg.norm,
+    split = dict(split_kind=cfg.split_kind, split_value=cfg.split_value, split_seed=cfg.split_seed, norm=cfg.norm,
                  crop_scale=tuple(cfg.crop_scale))
     if cfg.data == 'synthfaces':
         d = synth_datasets(size=cfg.img_size, n_train=cfg.n_train, n_test=cfg.n_test, n_unlabeled=cfg.n_unlabeled, seed=cfg.seed,
@@ -168,10 +168,10 @@ def semi_loaders(d: dict,  # from `semi_data`
     return dict(train=train, labeled_eval=DataLoader(d['labeled_eval'], batch_size=256, **kw)) | {
         s: DataLoader(d[s], batch_size=256, **kw) for s in ('test', 'val') if s in d}
 
-# %% ../nbs/42_semi_train.ipynb #7a2c1304
+# %% ../nbs/42_semi_train.ipynb #2e50551d
 def semi_model(cfg: SemiConfig, num_classes: int) -> torch.nn.Module:
     "The student: a ViT of the config's shape, with the stage-2 weights unless `init='scratch'`."
-    model = create_vit(cfg.model, num_classes, cfg.img_size, global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path, **vit_arch(cfg))
+    model = create_vit(cfg.model, num_classes, cfg.img_size, global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path_rate, **vit_arch(cfg))
     if cfg.init == 'scratch': return model
     ck = load_weights(cfg.init)
     state = ck['model'] if isinstance(ck.get('model'), dict) else ck
