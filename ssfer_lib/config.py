@@ -15,7 +15,7 @@ from .core import atomic_write_text
 
 # %% auto #0
 __all__ = ['coerce', 'did_you_mean', 'check_choice', 'config_fields', 'check_fields', 'update_config', 'load_config',
-           'save_config', 'parse_overrides']
+           'save_config', 'parse_overrides', 'StageConfig']
 
 # %% ../nbs/01_config.ipynb #3d77906d
 _TRUE, _FALSE = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
@@ -124,3 +124,42 @@ def parse_overrides(pairs: list[str] | None,  # `key=value` strings
         if '=' not in p: raise ValueError(f'bad override {p!r}: write key=value')
         k, v = p.split('=', 1); out[k.strip()] = v
     return out
+
+# %% ../nbs/01_config.ipynb #2eb8f7fb
+@dataclasses.dataclass
+class StageConfig:
+    "The architecture, optimiser and runtime fields of every stage's config; defaults are SSFER's fine-tuning recipe."
+    # architecture
+    model: str = 'vit_base_patch16_224'  # timm vit_*/deit* name: ViT-Base (SSFER §4.2) with MAE's 16-px patches
+    img_size: int = 224  # input side (SSFER §4.2: faces resized to 224 × 224)
+    patch_size: int | None = None  # overrides of the timm model's shape (None: the model's own; `ssfer_lib.vit.vit_arch`)
+    depth: int | None = None  # transformer blocks
+    embed_dim: int | None = None  # token width
+    num_heads: int | None = None  # attention heads
+    init: str = 'scratch'  # starting weights: 'scratch' or a checkpoint (each stage says which it reads); our choice
+    global_pool: str = 'token'  # classifier input: 'token' (class token; timm's default, SSFER does not say) or 'avg' (GAP)
+    drop_path_rate: float = 0.1  # stochastic depth (MAE's fine-tuning default, main_finetune.py; SSFER does not say)
+    # optimiser
+    epochs: int = 100  # SSFER §4.2 (fine-tuning)
+    warmup_epochs: float = 5  # linear warm-up (SSFER §4.2)
+    lr: float = 1e-4  # peak learning rate (SSFER §4.2)
+    min_lr: float = 1e-5  # cosine floor (SSFER §4.2)
+    warmup_lr: float = 5e-5  # learning rate at the first warm-up step (SSFER §4.2)
+    batch_size: int = 32  # images per step and process (SSFER §4.2)
+    weight_decay: float = 0.05  # decoupled weight decay (SSFER's official fine-tune.py; not in the paper)
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam β (SSFER's official fine-tune.py; not in the paper)
+    layer_decay: float | None = None  # layer-wise lr decay, e.g. 0.65 (None: off; our choice, SSFER does not mention it)
+    grad_clip: float | None = None  # max gradient norm (None: no clipping, as MAE's fine-tuning; our choice)
+    accum_steps: int = 1  # batches per optimizer step (gradient accumulation; 1: none)
+    # runtime
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU; our choice)
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process; our choice)
+    device: str = 'auto'  # 'auto' (CUDA when available), 'cpu', 'cuda:1', ...
+    seed: int = 0  # the run's seed: initialization, augmentation, batch order (our choice)
+
+    FIXED = {}  # field → (the only value the stage reads, why): a stage that cannot use a field fixes it
+
+    def __post_init__(self):
+        for k, (v, why) in self.FIXED.items():
+            if getattr(self, k) != v:
+                raise ValueError(f'{type(self).__name__}.{k}={getattr(self, k)!r}: this stage reads only {k}={v!r} ({why})')

@@ -31,7 +31,7 @@ def create_vit(model: str = 'vit_base_patch16_224',  # any timm `vit_*` name
     return timm.create_model(model, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
                              global_pool=global_pool, drop_path_rate=drop_path_rate, **kwargs)
 
-# %% ../nbs/30_vit.ipynb #70c5b148
+# %% ../nbs/30_vit.ipynb #7cac3be1
 VIT_SIZES = {
     'paper': dict(model='vit_base_patch16_224', img_size=224),
     'demo': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4, depth=4, embed_dim=96, num_heads=3),
@@ -46,7 +46,7 @@ def vit_size(name: str) -> dict:
 ARCH_FIELDS = ('patch_size', 'depth', 'embed_dim', 'num_heads')
 
 def vit_arch(cfg) -> dict:
-    "A stage config's architecture overrides of `create_vit` (its `ARCH_FIELDS` that are not None)."
+    "A stage config's architecture overrides of `create_vit` (its `ARCH_FIELDS`, fields of `StageConfig`, that are not None)."
     return {k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None}
 
 # %% ../nbs/30_vit.ipynb #956f669f
