@@ -96,7 +96,7 @@ def check_vit(cfg) -> None:
     if hasattr(cfg, 'init'): check_init(cfg.init)  # stage 1 starts from scratch
     if hasattr(cfg, 'global_pool'): check_choice('global_pool', cfg.global_pool, ('token', 'avg'))
 
-# %% ../nbs/50_runner.ipynb #c1dde61b
+# %% ../nbs/50_runner.ipynb #f5e25b61
 EXPERIMENT_CONFIGS = Registry('experiment notebook')
 
 def _given(params: dict) -> dict:
@@ -108,10 +108,10 @@ def finetune_run_config(preset: str = 'paper',  # a name in FINETUNE_PRESETS
                         **params,  # FinetuneConfig fields (None: the preset's value)
                        ):
     "`finetune.ipynb`'s parameters → its validated `FinetuneConfig` (stage 2)."
-    from ssfer_lib.finetune import FINETUNE_PRESETS, FinetuneConfig, finetune_config
+    from ssfer_lib.finetune import FINETUNE_PRESETS, MIX_TASKS, FinetuneConfig, finetune_config
     from ssfer_lib.readers import DATASETS
     from ssfer_lib.faceboxes import BOX_PROVIDERS
-    from ssfer_lib.facemix import FACEMIX_LOSSES, KAPPA_METRICS, MIX_TASKS
+    from ssfer_lib.facemix import FACEMIX_LOSSES, KAPPA_METRICS
     from ssfer_lib.mscl import PROJECTION_HEADS
     from ssfer_lib.splits import SPLIT_KINDS
     from ssfer_lib.transforms import NORMS
