@@ -16,7 +16,7 @@ from .core import atomic_write_text
 
 # %% auto #0
 __all__ = ['coerce', 'did_you_mean', 'check_choice', 'config_fields', 'check_fields', 'update_config', 'load_config',
-           'save_config', 'parse_overrides', 'StageConfig', 'config_args']
+           'save_config', 'parse_overrides', 'StageConfig', 'config_args', 'given', 'check_data']
 
 # %% ../nbs/01_config.ipynb #3d77906d
 _TRUE, _FALSE = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
@@ -180,3 +180,19 @@ def config_args(fn: Callable,  # a function or class whose arguments are named l
         elif k in fields: out[k] = getattr(cfg, k)
         elif p.default is p.empty: raise TypeError(f'{name} needs {k!r}, which {type(cfg).__name__} does not have')
     return out
+
+# %% ../nbs/01_config.ipynb #f295b0a3
+def given(params: dict[str, Any],  # a notebook's parameters
+         ) -> dict[str, Any]:
+    "The parameters set, without those left to the preset (None)."
+    return {k: v for k, v in params.items() if v is not None}
+
+def check_data(data: str,  # dataset name
+               data_root: str | None,  # its folder
+               choices,  # the datasets the stage reads
+              ) -> None:
+    "A known dataset, and an existing folder for every dataset but the generated SynthFaces."
+    check_choice('data', data, choices)
+    if data == 'synthfaces': return
+    if not data_root: raise ValueError(f'data {data!r} needs data_root (the dataset folder)')
+    if not Path(data_root).is_dir(): raise FileNotFoundError(f'data_root {data_root!r}: no such folder')
