@@ -26,7 +26,7 @@ __all__ = ['SEMI_RECIPES', 'SEMI_PRESETS', 'REPORTED_NETWORK', 'NETWORK_NAMES', 
            'semi_data', 'SemiLoader', 'semi_loaders', 'semi_model', 'plot_pseudo_labels', 'evaluate_models',
            'reported_network', 'semi_train']
 
-# %% ../nbs/42_semi_train.ipynb #1dd81bc8
+# %% ../nbs/42_semi_train.ipynb #9753a9f6
 @dataclasses.dataclass
 class SemiConfig(StageConfig):
     "Stage-3 settings; defaults are SSFER's (§4.2, else its official code), other algorithms' recipes are in `SEMI_RECIPES`."
@@ -53,7 +53,7 @@ class SemiConfig(StageConfig):
     ema_warmup: bool = False  # ramp the momentum up from 0.1 (not in the paper)
     thr_momentum: float = 0.9  # DTM μ of Eq. (8) (DTM §4.2)
     tau_init: float = 0.7  # DTM thresholds before the first update (not in the DTM paper; our choice, = τ)
-    balanced: bool = False  # class-balanced labeled batches (DTM)
+    balanced_sampler: bool = False  # class-balanced labeled batches (DTM)
     vote_window: int = 350  # sliding-window vote (frames), for test sets with video/frame metadata
     select: str = 'test'  # reported epoch: 'test' best on test (paper's protocol), 'val' best on a held-out validation split, 'last'
     val_ratio: float = 0.1  # select='val': fraction of each class's labeled images held out (at least 1; our choice, as stage 2)
@@ -65,13 +65,13 @@ class SemiConfig(StageConfig):
     batch_size: int = 64  # labeled images per step (§4.2)
     betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW default (our choice; not given in the paper)
 
-# %% ../nbs/42_semi_train.ipynb #f8a1d6f4
+# %% ../nbs/42_semi_train.ipynb #30a6dd26
 SEMI_RECIPES = {
     'ema_teacher': {},
     'supervised': {},
     'fixmatch': dict(tau=0.95, lambda_u=1.0, uratio=7),
     'dtm': dict(opt='adam', lr=5e-4, sched='fixed', weight_decay=0.0, steps_per_epoch=1000, batch_size=32, uratio=1,
-                lambda_l=1.0, lambda_u=0.8, thr_momentum=0.9, balanced=True),
+                lambda_l=1.0, lambda_u=0.8, thr_momentum=0.9, balanced_sampler=True),
 }
 SEMI_PRESETS = {
     'paper': {},
@@ -146,14 +146,14 @@ class SemiLoader:
             except StopIteration: lab = iter(self.labeled); l = next(lab)
             yield dict(labeled=l) if self.unlabeled is None else dict(labeled=l, unlabeled=u)
 
-# %% ../nbs/42_semi_train.ipynb #e2f6284e
+# %% ../nbs/42_semi_train.ipynb #d487909b
 def semi_loaders(d: dict,  # from `semi_data`
                  cfg: SemiConfig,
                  use_unlabeled: bool = True,  # False for algorithms that never read the unlabeled views
                 ) -> dict:
     "dict(train=SemiLoader, labeled_eval, test, and `val` when held out) DataLoaders for a config (shuffling from torch's global RNG)."
     n_lab = len(d['labeled'])
-    sampler = BalancedSampler(d['labeled'].labels, n_lab) if cfg.balanced else None
+    sampler = BalancedSampler(d['labeled'].labels, n_lab) if cfg.balanced_sampler else None
     kw = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     labeled = DataLoader(d['labeled'], batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                          drop_last=n_lab >= cfg.batch_size, **kw)
