@@ -17,10 +17,10 @@ from .train import Supervised, Task
 from .faceboxes import paired_iou
 
 # %% auto #0
-__all__ = ['KAPPA_METRICS', 'PSNR_MAX_DB', 'FACEMIX_LOSSES', 'MIX_TASKS', 'pair_indices', 'sample_lambda', 'sample_mix_params',
-           'cutmix_box', 'smooth_one_hot', 'mix_images', 'mix_targets', 'soft_cross_entropy', 'mix_flip', 'kappa_iou',
-           'kappa_psnr', 'kappa_ssim', 'kappa_fsim', 'facemix_loss', 'facemix_batch', 'step_generator', 'FaceMixTask',
-           'MixupTask', 'build_mix_task']
+__all__ = ['KAPPA_METRICS', 'PSNR_MAX_DB', 'FACEMIX_LOSSES', 'pair_indices', 'sample_lambda', 'sample_mix_params', 'cutmix_box',
+           'smooth_one_hot', 'mix_images', 'mix_targets', 'soft_cross_entropy', 'mix_flip', 'kappa_iou', 'kappa_psnr',
+           'kappa_ssim', 'kappa_fsim', 'facemix_loss', 'facemix_batch', 'step_generator', 'FaceMixTask', 'MixupTask',
+           'none_task', 'mixup_task', 'cutmix_task', 'facemix_task']
 
 # %% ../nbs/33_facemix.ipynb #d20c3eef
 def pair_indices(n: int,  # batch size
@@ -259,25 +259,37 @@ class MixupTask(Task):
         xm, t = torch.cat([xm, x[n:]]), torch.cat([t, smooth_one_hot(y[n:], K, eps)])
         return dict(loss=soft_cross_entropy(self.model(xm).float(), t).mean())
 
-# %% ../nbs/33_facemix.ipynb #b212b61b
-MIX_TASKS = Registry('mix method')
+# %% ../nbs/33_facemix.ipynb #978e1c25
+def none_task(model: nn.Module,  # classifier returning logits
+              num_classes: int,  # K (unused: the labels are class indices)
+              label_smoothing: float = 0.1,  # of the one-hot targets (official value)
+             ) -> Task:
+    "No mixing: cross-entropy on the images as they are."
+    return Supervised(model, label_smoothing)
 
-@MIX_TASKS.register('none')
-def _none(model, num_classes, label_smoothing=0.1, **_): return Supervised(model, label_smoothing)
+def mixup_task(model: nn.Module, num_classes: int,
+               alpha: float = 1.0,  # λ ~ Beta(α, α)
+               label_smoothing: float = 0.1,
+               seed: int = 0,  # λ/mode/box stream
+              ) -> Task:
+    "The Mixup baseline: `MixupTask` with Mixup only."
+    return MixupTask(model, num_classes, alpha, 0.0, label_smoothing, seed)
 
-@MIX_TASKS.register('mixup')
-def _mixup(model, num_classes, alpha=1.0, label_smoothing=0.1, **_): return MixupTask(model, num_classes, alpha, 0.0, label_smoothing)
+def cutmix_task(model: nn.Module, num_classes: int,
+                alpha: float = 1.0,  # λ ~ Beta(α, α)
+                label_smoothing: float = 0.1,
+                seed: int = 0,  # λ/mode/box stream
+               ) -> Task:
+    "The CutMix baseline: `MixupTask` with CutMix only."
+    return MixupTask(model, num_classes, 0.0, alpha, label_smoothing, seed)
 
-@MIX_TASKS.register('cutmix')
-def _cutmix(model, num_classes, alpha=1.0, label_smoothing=0.1, **_): return MixupTask(model, num_classes, 0.0, alpha, label_smoothing)
-
-@MIX_TASKS.register('facemix')
-def _facemix(model, num_classes, alpha=1.0, kappa='iou', loss='L4', label_smoothing=0.1, norm='fer', seed=0, **_):
-    return FaceMixTask(model, num_classes, alpha, kappa, loss, label_smoothing, norm, seed)
-
-def build_mix_task(mix: str,  # 'none', 'mixup', 'cutmix' or 'facemix'
-                   model: nn.Module, num_classes: int,
-                   **options,  # alpha, kappa, loss, label_smoothing, norm, seed
-                  ) -> Task:
-    "The training task of a mixing method."
-    return MIX_TASKS[mix](model, num_classes, **options)
+def facemix_task(model: nn.Module, num_classes: int,
+                 alpha: float = 1.0,  # λ ~ Beta(α, α)
+                 kappa: str = 'iou',  # a `KAPPA_METRICS` name
+                 facemix_loss: str = 'L4',  # 'L1' … 'L4' (eqs. 11–14)
+                 label_smoothing: float = 0.1,  # of the mixed targets (official value)
+                 norm: str = 'fer',  # normalization of the images (for pixel κ metrics)
+                 seed: int = 0,  # pairing/λ stream
+                ) -> Task:
+    "FaceMix (eq. 10 and its variants)."
+    return FaceMixTask(model, num_classes, alpha, kappa, facemix_loss, label_smoothing, norm, seed)

@@ -45,14 +45,14 @@ def markdown_table(rows: list[dict],  # one dict per row; keys are columns (firs
     lines += ['| ' + ' | '.join(fmt(r.get(c)) for c in cols) + ' |' for r in rows]
     return '\n'.join(lines)
 
-# %% ../nbs/51_tables.ipynb #e1d413c6
+# %% ../nbs/51_tables.ipynb #6d1cb016
 def common_params(cfg: dict) -> dict:
     "Parameters every experiment notebook takes from the reproduction preset."
     return dict(preset=cfg['stage_preset']) | {k: cfg[k] for k in ('data', 'data_root') if cfg.get(k) is not None}
 
 def _demo_runs(cfg: dict) -> list[RunSpec]:
     return [RunSpec('finetune', f'{cfg["preset"]}-finetune-none-scratch-r{r:g}',
-                    common_params(cfg) | dict(mix='none', init='scratch', split_kind='ratio', label_ratio=r, seed=0))
+                    common_params(cfg) | dict(mix='none', init='scratch', split_kind='ratio', split_value=r, seed=0))
             for r in (0.1, 1.0)]
 
 def _demo_render(cfg: dict, results: dict) -> str:
@@ -60,7 +60,7 @@ def _demo_render(cfg: dict, results: dict) -> str:
     for r in _demo_runs(cfg):
         m = results[r.name]
         pct = lambda k: None if m.get(k) is None else 100 * m[k]  # columns name their selection rule (ssfer_lib.tables)
-        rows.append({'labels': f'{r.params["label_ratio"]:.0%}', 'n labeled': m['n_labeled'], 'epochs': m['epochs'],
+        rows.append({'labels': f'{r.params["split_value"]:.0%}', 'n labeled': m['n_labeled'], 'epochs': m['epochs'],
                      "acc (%) · best epoch on test (paper's protocol)": pct('best_test/test/acc'),
                      "macro-F1 (%) · best epoch on test (paper's protocol)": pct('best_test/test/macro_f1'),
                      'acc (%) · last epoch': pct('last/test/acc')})
@@ -68,7 +68,7 @@ def _demo_render(cfg: dict, results: dict) -> str:
 
 TABLES.register('demo')(Table('demo', 'Fine-tuning from scratch at two label ratios (SynthFaces)', _demo_runs, _demo_render))
 
-# %% ../nbs/51_tables.ipynb #35a0a569
+# %% ../nbs/51_tables.ipynb #fa2baaa7
 SPLITS = {'r0.1': ('ratio', 0.1), 'r1': ('ratio', 1.0), 'pc10': ('per_class', 10)}
 
 def runs_dir(cfg: dict) -> Path: return Path(cfg.get('root', 'outputs'))/'runs'
@@ -85,8 +85,8 @@ def finetune_run(cfg: dict, mix: str = 'facemix', init: str = 'mae', split: str 
     name = f'{cfg["preset"]}-finetune-{mix}' + (f'-{kappa}-{loss}' if fm else '') + f'-{init}-{split}'
     kind, value = SPLITS[split]
     p = common_params(cfg) | dict(mix=mix, init=mae_encoder(cfg) if init == 'mae' else 'scratch', split_kind=kind,
-                                  label_ratio=value, seed=0)
-    if fm: p |= dict(kappa=kappa, loss=loss)
+                                  split_value=value, seed=0)
+    if fm: p |= dict(kappa=kappa, facemix_loss=loss)
     return RunSpec('finetune', name, p)
 
 def semi_run(cfg: dict, algorithm: str = 'ema_teacher', stage2: RunSpec | None = None, split: str = 'pc10') -> RunSpec:
@@ -95,7 +95,7 @@ def semi_run(cfg: dict, algorithm: str = 'ema_teacher', stage2: RunSpec | None =
     kind, value = SPLITS[split]
     init = str((runs_dir(cfg)/stage2.name/'best.pt').resolve())
     return RunSpec('semi', f'{cfg["preset"]}-semi-{algorithm}-from-{stage2.name.split("-", 1)[1]}',
-                   common_params(cfg) | dict(algorithm=algorithm, init=init, split_kind=kind, label_ratio=value, seed=0))
+                   common_params(cfg) | dict(algorithm=algorithm, init=init, split_kind=kind, split_value=value, seed=0))
 
 # %% ../nbs/51_tables.ipynb #59e93da8
 def pct(m: dict, key: str = 'test/acc') -> float | None:
@@ -142,7 +142,7 @@ def _pre_render(cfg, res):
     return markdown_table(rows) + note
 TABLES.register('pretraining')(Table('pretraining', 'Table 11: pre-training paradigm (10 labels per class)', _pre_runs, _pre_render))
 
-# %% ../nbs/51_tables.ipynb #2b3aa70c
+# %% ../nbs/51_tables.ipynb #5820cb74
 MIXES = ('none', 'mixup', 'cutmix', 'facemix', 'mscl', 'facemix+mscl')
 def _mix_runs(cfg): return [pretrain_run(cfg)] + [finetune_run(cfg, m) for m in MIXES]
 def _mix_render(cfg, res):
@@ -157,7 +157,7 @@ TABLES.register('kappa')(Table('kappa', 'Table 14: κ calculation (FaceMix, MAE 
 
 def _loss_runs(cfg): return [pretrain_run(cfg)] + [finetune_run(cfg, 'facemix', loss=l) for l in ('L1', 'L2', 'L3', 'L4')]
 def _loss_render(cfg, res):
-    return markdown_table([acc_row({'loss': r.params['loss']}, res[r.name]) for r in _loss_runs(cfg)[1:]])
+    return markdown_table([acc_row({'loss': r.params['facemix_loss']}, res[r.name]) for r in _loss_runs(cfg)[1:]])
 TABLES.register('facemix_loss')(Table('facemix_loss', 'Table 15: FaceMix loss variants (MAE init, 10% labels)', _loss_runs, _loss_render))
 
 # %% ../nbs/51_tables.ipynb #29681775

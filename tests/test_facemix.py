@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssfer_lib.facemix import KAPPA_METRICS, FaceMixTask, MixupTask, build_mix_task, facemix_batch, facemix_loss, pair_indices, soft_cross_entropy
+from ssfer_lib.facemix import KAPPA_METRICS, FaceMixTask, MixupTask, facemix_batch, facemix_loss, pair_indices, soft_cross_entropy
 from ssfer_lib.bench import bench_facemix
-from ssfer_lib.finetune import finetune, finetune_config
+from ssfer_lib.finetune import MIX_TASKS, finetune, finetune_config
 from ssfer_lib.vit import create_vit, vit_size
 
 torch.set_num_threads(1)
@@ -118,7 +118,7 @@ def test_facemix_deterministic_and_calls_saved():
 def test_every_parameter_gets_a_gradient(mix):
     torch.manual_seed(0)
     vit = create_vit(**vit_size('test'), num_classes=7, drop_path_rate=0.0)
-    task = build_mix_task(mix, vit, 7)
+    task = MIX_TASKS[mix](vit, 7)
     batch = dict(image=torch.randn(5, 3, 16, 16), label=torch.tensor([0, 1, 2, 3, 4]),
                  box=torch.tensor([[0., 0, 16, 16], [2, 2, 14, 14], [0, 0, 8, 8], [4, 4, 16, 16], [1, 0, 15, 12]]))
     x0 = batch['image'].clone()
@@ -126,6 +126,21 @@ def test_every_parameter_gets_a_gradient(mix):
     assert torch.equal(batch['image'], x0)
     assert [n for n, p in vit.named_parameters() if p.requires_grad and p.grad is None] == []
 
+
+
+@pytest.mark.parametrize('mix', ['none', 'mixup', 'cutmix', 'facemix', 'mscl', 'facemix+mscl'])
+def test_mix_factory_refuses_an_unknown_option(mix):
+    "A misspelled option is an error naming it, not a silently kept default: each factory takes exactly its options."
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kapa'"):
+        MIX_TASKS[mix](create_vit(**vit_size('test'), num_classes=7), 7, kapa='ssim')
+
+
+@pytest.mark.parametrize('mix', ['mixup', 'cutmix', 'facemix'])
+def test_stage_seed_reaches_the_mixing_stream(mix):
+    "The run's seed picks the λ/mode/box stream of every mixing task (the old Mixup/CutMix factories dropped it)."
+    from ssfer_lib.finetune import finetune_task
+    task = finetune_task(finetune_config('test', mix=mix, seed=3), create_vit(**vit_size('test'), num_classes=7), 7)
+    assert task.seed == 3
 
 def test_mixup_task_odd_batch_keeps_last_unmixed():
     rec = _Recorder(); task = MixupTask(rec, 4, label_smoothing=0.0)

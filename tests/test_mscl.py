@@ -1,4 +1,5 @@
 """MIMIC's mix-supervised contrastive loss (ssfer_lib.mscl): masks, loss values, gradients, and SupCon equivalence."""
+import dataclasses
 import math
 import numpy as np
 import pytest
@@ -184,6 +185,30 @@ def test_facemix_views_keeps_facemix_loss():
     assert ours['features'].shape == (12, m.num_features)
     assert torch.allclose(ours['soft_labels'].sum(1), torch.ones(12))
 
+
+
+def test_mimic_and_stage2_share_one_facemix_mscl(monkeypatch):
+    "MIMIC's `facemix+mscl` and stage 2's menu entry are one factory (34_mscl), which MIMIC gives its config's values."
+    from ssfer_lib import mimic
+    from ssfer_lib.finetune import MIX_TASKS
+    from ssfer_lib.mscl import facemix_mscl_task
+    assert MIX_TASKS['facemix+mscl'] is facemix_mscl_task
+    calls = []
+    monkeypatch.setattr(mimic, 'facemix_mscl_task', lambda model, num_classes, **kw: calls.append(kw) or 'built by the factory')
+    cfg = mscl_config('test', method='facemix+mscl', mscl_lam=0.3, facemix_loss='L2', mscl_norm=1.0, facemix_alpha=0.5)
+    assert build_mscl_task(cfg, torch.nn.Identity()) == 'built by the factory'
+    assert {k: calls[0][k] for k in ('alpha', 'facemix_loss', 'mscl_lam', 'mscl_norm', 'proj_dim')} == dict(
+        alpha=0.5, facemix_loss='L2', mscl_lam=0.3, mscl_norm=1.0, proj_dim=16)
+
+
+def test_stage2_options_reach_the_mscl_tasks():
+    "Every MSCL option of the fine-tuning config reaches its task (the factories take them by the config's names)."
+    from ssfer_lib.finetune import finetune_config, finetune_task
+    cfg = finetune_config('test', mscl_lam=0.3, mscl_t=0.2, mscl_tau=0.5, proj='linear', proj_dim=8, facemix_loss='L1', kappa='psnr')
+    for mix in ('mscl', 'facemix+mscl'):
+        task = finetune_task(dataclasses.replace(cfg, mix=mix), create_vit(num_classes=7, **vit_size('test')), 7)
+        assert (task.lam, task.t, task.tau, task.proj.out_features) == (0.3, 0.2, 0.5, 8), mix
+    assert (task.base.loss, task.base.kappa) == ('L1', 'psnr')
 
 @pytest.mark.slow
 def test_ddp_finetune_facemix_mscl_two_cpu_processes(tmp_path):

@@ -8,14 +8,14 @@ from ssfer_lib.semi_train import semi_config, semi_train
 @pytest.mark.slow
 def test_finetune_then_semi_on_real_ferplus(ferplus_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = finetune_config('test', data='ferplus', data_root=str(ferplus_root), split_kind='per_class', label_ratio=2,
+    cfg = finetune_config('test', data='ferplus', data_root=str(ferplus_root), split_kind='per_class', split_value=2,
                           epochs=2, mix='facemix', box_provider='gt')
     m = finetune(cfg, tmp_path/'ft', progress=False)
     # FERPlus majority mode, 8 classes, Valid+Test merged as the paper's test set; 2 labels per class
     assert m['n_test'] == 3191 + 3137 and m['n_labeled'] == 16 and len(m['classes']) == 8
     assert 0 <= m['test/acc'] <= 1 and (tmp_path/'ft'/'best.pt').exists()
     scfg = semi_config('ema_teacher', 'test', data='ferplus', data_root=str(ferplus_root), split_kind='per_class',
-                       label_ratio=2, init=str(tmp_path/'ft'/'best.pt'), epochs=1, steps_per_epoch=3)
+                       split_value=2, init=str(tmp_path/'ft'/'best.pt'), epochs=1, steps_per_epoch=3)
     s = semi_train(scfg, tmp_path/'semi', progress=False)
     assert s['n_labeled'] == 16 and s['n_unlabeled'] == 25045 - 16
     assert json.loads((tmp_path/'semi'/'metrics.json').read_text())['provenance']['config']['data'] == 'ferplus'

@@ -71,7 +71,7 @@ def cached_real(request, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # build_datasets caches decoded images under ./outputs/cache
     boxes = known_boxes()
     root = (fake_affectnet if request.param == 'affectnet7' else fake_rafdb)(tmp_path/request.param, boxes)
-    cfg = finetune_config('test', data=request.param, data_root=str(root), img_size=CACHE, split_kind='ratio', label_ratio=0.5,
+    cfg = finetune_config('test', data=request.param, data_root=str(root), img_size=CACHE, split_kind='ratio', split_value=0.5,
                           box_provider='gt', split_root=str(tmp_path/'splits'), box_root=str(tmp_path/'boxes'))
     return finetune_data(cfg), boxes
 

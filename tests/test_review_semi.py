@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from ssfer_lib.data import FERDataset, Sample
 from ssfer_lib.dtm import DTM, sliding_window_vote, update_class_thresholds
 from ssfer_lib.semi import EMATeacher, FixMatch, SSL_ALGORITHMS
-from ssfer_lib.semi_train import SemiConfig, evaluate_models, semi_config, task_kwargs
+from ssfer_lib.config import config_args
+from ssfer_lib.semi_train import SemiConfig, evaluate_models, semi_config
 from ssfer_lib.train import build_optimizer, fit
 
 torch.set_num_threads(1)
@@ -44,7 +45,7 @@ def test_fixmatch_and_dtm_defaults_are_their_own_papers():
 def test_config_and_task_defaults_agree(name):
     "The config a run records (SSFER's defaults + the algorithm's recipe) equals the task's own defaults."
     cls = SSL_ALGORITHMS[name]
-    kw = task_kwargs(cls, semi_config(name))
+    kw = config_args(cls, semi_config(name))
     assert kw == {k: v for k, v in _defaults(cls).items() if k in kw}, (name, kw)
 
 

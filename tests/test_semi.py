@@ -123,7 +123,7 @@ def test_experiment_notebook_smoke(tmp_path):
     "The papermill template runs at the `smoke` size into its run folder, with teacher and student reported."
     from ssfer_lib.runner import run_notebook
     params = dict(algorithm='ema_teacher', data='synthfaces', n_train=140, n_test=70, n_unlabeled=140, img_size=16,
-                  vit='test', epochs=2, batch_size=16, label_ratio=0.1, seed=0)
+                  vit='test', epochs=2, batch_size=16, split_value=0.1, seed=0)
     m = run_notebook('semi', params, name='smoke', root=tmp_path/'runs', cwd=tmp_path)['metrics']
     assert m['reported_model'] == 'teacher' and 0 <= m['test/student/acc'] <= 1 and m['epochs'] == 2
     assert (tmp_path/'runs'/'smoke'/'pseudo_labels.png').exists()

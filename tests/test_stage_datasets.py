@@ -11,8 +11,7 @@ from ssfer_lib.mimic import mscl_config, mscl_data
 from ssfer_lib.pretrain import pretrain_config, pretrain_data
 from ssfer_lib.semi_train import semi_config, semi_data
 
-# the config field holding the split's value (renamed label_ratio -> split_value by the config re-cut)
-VALUE = 'split_value' if 'split_value' in {f.name for f in dataclasses.fields(FinetuneConfig)} else 'label_ratio'
+VALUE = 'split_value'  # the config field holding the split's value
 
 
 def rows(ds):
