@@ -27,7 +27,7 @@ __all__ = ['SEMI_RECIPES', 'SEMI_PRESETS', 'REPORTED_NETWORK', 'NETWORK_NAMES', 
            'semi_data', 'SemiLoader', 'semi_loaders', 'semi_model', 'plot_pseudo_labels', 'evaluate_models',
            'reported_network', 'semi_train']
 
-# %% ../nbs/42_semi_train.ipynb #f7b709bf
+# %% ../nbs/42_semi_train.ipynb #0c2154aa
 @dataclasses.dataclass
 class SemiConfig:
     "Stage-3 settings; defaults are SSFER's (§4.2, else its official code), other algorithms' recipes are in `SEMI_RECIPES`."
@@ -79,6 +79,7 @@ class SemiConfig:
     num_workers: int = 0
     device: str = 'auto'
     seed: int = 0
+    eval_every: int = 1  # evaluate every N epochs and after the last; best-epoch selection sees only those (1: every epoch, our choice)
 
 # %% ../nbs/42_semi_train.ipynb #d68796a7
 SEMI_RECIPES = {
@@ -229,7 +230,7 @@ def reported_network(algorithm: str,  # a name in SSL_ALGORITHMS
     if main not in names: raise KeyError(f'{algorithm} reports {main!r} but its task evaluates only {names}')
     return main
 
-# %% ../nbs/42_semi_train.ipynb #16ff9e3b
+# %% ../nbs/42_semi_train.ipynb #904671f3
 def semi_train(cfg: SemiConfig,  # the run's settings
                out_dir: str | Path,  # run folder: checkpoints, history, figures, metrics.json
                progress: bool = True,  # tqdm bars
@@ -257,7 +258,7 @@ def semi_train(cfg: SemiConfig,  # the run's settings
         return {f'{s}/{n}/{k}': v for s in ('test', 'val') if s in L
                 for n, r in evaluate_models(t.eval_models(), L[s], K, device, cfg.vote_window).items() for k, v in scalars(r).items()}
     history = fit(task, L['train'], optimizer=opt, epochs=cfg.epochs, scheduler=sched, steps_per_epoch=cfg.steps_per_epoch,
-                  device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, eval_fn=eval_fn, ckpt_dir=out, progress=progress,
+                  device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, eval_fn=eval_fn, eval_every=cfg.eval_every, ckpt_dir=out, progress=progress,
                   select={'best_test': f'test/{main}/acc', 'val_selected': f'val/{main}/acc', 'last': None}[rule],
                   extra=dict(config=dataclasses.asdict(cfg)))
     if rule != 'last': task.load_state_dict(load_weights(out/'best.pt')['model'])  # every network at the picked epoch
