@@ -80,3 +80,24 @@ def test_rule_metrics_skips_unevaluated_epochs():
     m = rule_metrics(hist, 'best_test')
     assert m['best_test/epoch'] == 2 and m['best_test/test/acc'] == 0.7
     assert rule_metrics(hist, 'last')['last/epoch'] == 3
+
+
+@pytest.mark.parametrize('stage,cfg', [
+    ('pretrain', dict(epochs=4, batch_size=8, n_train=40, n_unlabeled=40)),
+    ('finetune', dict(epochs=4, batch_size=8, n_train=80, n_test=20, label_ratio=0.5, mix='facemix', small_set_epochs=None)),
+    ('semi', dict(epochs=4, batch_size=8, uratio=2, n_train=80, n_unlabeled=80, n_test=20, label_ratio=0.5)),
+    ('mscl', dict(epochs=4, batch_size=8, n_train=80, n_test=20)),
+])
+def test_timing_model_positive_and_monotone(stage, cfg):
+    from ssfer_lib.timing import timing_model
+    t = lambda **kw: timing_model(stage, cfg | kw, step_s=2e-3)
+    assert 0 < t() < t(epochs=8) < t(epochs=16)  # more epochs: longer
+    assert t() < t(n_train=160, n_unlabeled=160 if 'n_unlabeled' in cfg else 0)  # more images: longer
+    assert t(batch_size=8) > 0 and timing_model(stage, cfg, step_s=4e-3) > t()  # a slower machine: longer
+
+
+def test_timing_model_eval_every_saves_eval_time():
+    from ssfer_lib.timing import image_steps
+    cfg = dict(epochs=10, batch_size=8, n_train=80, n_test=20, label_ratio=0.5, mix='none', small_set_epochs=None)
+    assert image_steps('finetune', cfg | dict(eval_every=5))['eval'] < image_steps('finetune', cfg)['eval']
+    assert image_steps('finetune', cfg | dict(eval_every=5))['train'] == image_steps('finetune', cfg)['train']
