@@ -101,3 +101,18 @@ def test_timing_model_eval_every_saves_eval_time():
     cfg = dict(epochs=10, batch_size=8, n_train=80, n_test=20, label_ratio=0.5, mix='none', small_set_epochs=None)
     assert image_steps('finetune', cfg | dict(eval_every=5))['eval'] < image_steps('finetune', cfg)['eval']
     assert image_steps('finetune', cfg | dict(eval_every=5))['train'] == image_steps('finetune', cfg)['train']
+
+
+TOY = {'mae': dict(preset='test', batch_size=4, steps=2), 'facemix': dict(size='test', batch_size=4, steps=1, warmup=1),
+       'loader': dict(preset='test', batch_size=4, steps=2), 'semi': dict(size='test', batch_size=2, uratio=2, steps=2),
+       'ddp': {}, 'demo': dict(size='test', batch_size=4, steps=2)}
+
+
+@pytest.mark.parametrize('name', sorted(TOY))
+def test_every_benchmark_runs_at_toy_size(name, tmp_path, monkeypatch):
+    from ssfer_lib.bench import BENCHMARKS, bench_summary
+    assert set(BENCHMARKS) == set(TOY)  # a new benchmark needs a toy size here
+    monkeypatch.chdir(tmp_path)  # bench_demo reads outputs/runs of the working directory (absent: no runs)
+    r = BENCHMARKS[name](out=tmp_path/f'{name}.json', **TOY[name])
+    assert isinstance(r, dict) and json.loads((tmp_path/f'{name}.json').read_text())
+    assert '| figure | ratio | target |' in bench_summary(tmp_path)
