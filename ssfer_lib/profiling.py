@@ -17,7 +17,7 @@ from .bench import machine
 __all__ = ['PROFILE_GROUPS', 'PROFILE_CHANGES', 'profile_stage', 'stage_runs', 'profile_markdown', 'profile_notes',
            'profile_stages', 'render_profile']
 
-# %% ../nbs/81_profiling.ipynb #e87fdb86
+# %% ../nbs/81_profiling.ipynb #a0bfd2cb
 PROFILE_GROUPS = {  # part of a stage: (file suffix, function names, only via callers in this file, not via this file)
     'fit (train + eval in fit + checkpoints)': ('train.py', ('fit',), None, None),
     'evaluation inside fit (every evaluated epoch)': ('', ('eval_fn', '<lambda>'), 'train.py', None),
@@ -32,9 +32,9 @@ def _cum(stats: dict, file: str, funcs: tuple, via: str | None = None, not_via: 
     "Cumulative seconds of functions `funcs` in files ending with `file`: the outermost of nested calls, or summed over callers in `via` (not in `not_via`)."
     out = []
     for (f, _, fn), (cc, nc, tt, ct, callers) in stats.items():
-        if fn not in funcs or not f.endswith(file) or (via and f.endswith(via)): continue
+        if fn not in funcs or not f.endswith(file) or (via and Path(f).name == via): continue  # names: semi_train.py ≠ train.py
         if via is None and not_via is None: out.append(ct); continue
-        out.append(sum(c[3] for (cf, _, _), c in callers.items() if (via is None or cf.endswith(via)) and not (not_via and cf.endswith(not_via))))
+        out.append(sum(c[3] for (cf, _, _), c in callers.items() if (via is None or Path(cf).name == via) and not (not_via and Path(cf).name == not_via)))
     return (sum(out) if via else max(out, default=0.0)) if out else 0.0
 
 def profile_stage(run: Callable[[], object],  # runs one stage (one epoch)
@@ -85,7 +85,7 @@ def profile_markdown(profiles: dict,  # stage → `profile_stage` result
         lines += [f'| `{t["where"]}` | {t["own_s"]:.2f} | {t["calls"]} |' for t in p['top']] + ['']
     return '\n'.join(lines + [notes, ''])
 
-# %% ../nbs/81_profiling.ipynb #7eeeb95d
+# %% ../nbs/81_profiling.ipynb #f0a985dc
 def profile_notes(profiles: dict,  # stage → `profile_stage` result
                   every: int = 5,  # the `eval_every` the saving is computed for
                  ) -> str:
@@ -106,11 +106,13 @@ PROFILE_CHANGES = """## Changes made (issue 16) and what they alter
   the progress bar's `loss.item()` only when the bar is shown. Pure speed: bit-identical histories and metrics.json at the
   `test` preset (every stage compared before/after), tested in tests/test_bench.py. On CPU a `.item()` costs nothing
   measurable (it does not appear among the top functions); the gain is on CUDA, where each one is a device sync.
-- Not changed (the profile does not single them out, or they belong to others): DataLoader workers (`num_workers=0`
-  stays: with `--jobs` one thread per cell on 2 cores, workers would oversubscribe the cores), `torch.compile` /
-  fused AdamW / channels-last (no CPU gain to measure here; channels-last does not apply to ViT tokens)."""
+- Not changed yet: the training data loader (augmentations in the main process, `num_workers=0`) is the largest
+  non-compute cost of MAE and the EMA teacher (loader share above; `bench_loader`: loader ≈ 0.19 of a step, target 0.10);
+  workers would oversubscribe 2 cores under `--jobs`, so the fix is cheaper transforms (left open). Building SynthFaces
+  (`synth_face`) is most of each run's setup and is repeated per run (a cache across runs belongs to the data code).
+  `torch.compile` / fused AdamW: not measured; channels-last does not apply to ViT tokens."""
 
-# %% ../nbs/81_profiling.ipynb #a4c1e0b8
+# %% ../nbs/81_profiling.ipynb #995dd447
 def profile_stages(out: str | Path | None = 'outputs/bench/profile.md',  # Markdown written (None: not written)
                    preset: str = 'demo',  # stage preset profiled (one epoch each)
                    root: str | Path | None = None,  # run folders (None: a temporary folder, removed after)
