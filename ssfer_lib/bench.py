@@ -18,7 +18,8 @@ from .facemix import facemix_batch, FaceMixTask, MixupTask
 from .pretrain import pretrain_config, build_mae
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'bench_mae', 'bench_facemix', 'ddp_bench_worker', 'bench_ddp']
+__all__ = ['BENCHMARKS', 'bench_mae', 'bench_facemix', 'machine', 'bench_loader', 'bench_semi', 'run_stage', 'bench_demo',
+           'bench_ddp', 'bench_summary', 'ddp_bench_worker']
 
 # %% ../nbs/80_bench.ipynb #1278c2a6
 def bench_mae(preset: str = 'demo',  # PRETRAIN_PRESETS entry giving the encoder, decoder and image size
@@ -119,12 +120,183 @@ def bench_facemix(out: str | Path | None = 'outputs/bench/facemix.json',  # JSON
         return res
     finally: torch.set_num_threads(old_threads)
 
-# %% ../nbs/80_bench.ipynb #d08092f0
+# %% ../nbs/80_bench.ipynb #82e713a1
+def machine() -> dict:
+    "The machine a benchmark ran on: cores, CPU model, torch version and threads."
+    import os
+    cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')),
+               platform.processor()) if Path('/proc/cpuinfo').exists() else platform.processor()
+    return dict(cores=os.cpu_count(), cpu=cpu, torch=torch.__version__, threads=torch.get_num_threads(),
+                cuda=torch.cuda.is_available(), python=platform.python_version(), host=platform.node(), time=now())
+
+# %% ../nbs/80_bench.ipynb #7dc791dc
+def _median_times(variants: dict[str, Callable], steps: int, warmup: int, wall: bool = False) -> dict[str, float]:
+    "Median seconds (process CPU time, or wall clock) of each variant, interleaved round-robin."
+    t = {k: [] for k in variants}
+    for r in range(warmup + steps):
+        for k, fn in variants.items():
+            w, c = _clock(fn)
+            if r >= warmup: t[k].append(w if wall else c)
+    return {k: float(np.median(v)) for k, v in t.items()}
+
+def _bare_step(size: str, batch_size: int, seed: int = 0) -> tuple[Callable, torch.nn.Module]:
+    "One supervised forward + backward + AdamW step of the bare classifier at `vit_size(size)` on a fixed random batch."
+    from ssfer_lib.vit import create_vit, vit_size
+    torch.manual_seed(seed); vk = vit_size(size); model = create_vit(**vk, num_classes=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4); sup = Supervised(model)
+    b = dict(image=torch.randn(batch_size, 3, vk['img_size'], vk['img_size']), label=torch.arange(batch_size) % 7)
+    def step(): opt.zero_grad(set_to_none=True); sup(b)['loss'].backward(); opt.step()
+    return step, model
+
+# %% ../nbs/80_bench.ipynb #4ff9ccc1
+def bench_loader(out: str | Path | None = 'outputs/bench/loader.json',  # JSON written (None: not written)
+                 preset: str = 'demo',  # fine-tuning preset: data size, image size
+                 batch_size: int = 32,
+                 steps: int = 5, warmup: int = 1,
+                 num_workers: int = 0,  # the stages' default
+                 threads: int | None = 1,
+                ) -> dict:
+    "Data-loader images/s ÷ images/s a training step consumes (fine-tuning's augmented training set, all images labeled)."
+    from ssfer_lib.finetune import finetune_config, finetune_data
+    from ssfer_lib.train import train_loader
+    old = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
+    try:
+        cfg = finetune_config(preset, split_kind='all', split_root=None, device='cpu')
+        ds = finetune_data(cfg)['labeled']
+        loader = train_loader(ds, batch_size, torch.Generator().manual_seed(0), num_workers=num_workers)
+        it = [iter(loader)]
+        def fetch():
+            try: next(it[0])
+            except StopIteration: it[0] = iter(loader); next(it[0])
+        step, _ = _bare_step(preset, batch_size)
+        med = _median_times(dict(loader=fetch, step=step), steps, warmup, wall=True)
+    finally: torch.set_num_threads(old)
+    res = dict(loader_over_step_images_per_s=med['step'] / med['loader'], loader_share_of_step=med['loader'] / med['step'],
+               target_share=0.10, loader_ms_per_batch=1000 * med['loader'], step_ms_per_batch=1000 * med['step'],
+               num_workers=num_workers, batch_size=batch_size, preset=preset, steps=steps, warmup=warmup, machine=machine(),
+               cache='SynthFaces are generated in memory (always cached); the decoded-image cache of read datasets is not timed')
+    res['ok'] = res['loader_share_of_step'] <= res['target_share']
+    if out is not None: atomic_write_json(out, res)
+    return res
+
+# %% ../nbs/80_bench.ipynb #9a3ade82
+def bench_semi(out: str | Path | None = 'outputs/bench/semi.json',  # JSON written (None: not written)
+               size: str = 'demo',  # `vit_size` of the model
+               batch_size: int = 8,  # labeled images B per step
+               uratio: int = 7,  # unlabeled images per labeled one (FixMatch/SSFER 7:1)
+               steps: int = 5, warmup: int = 1,
+               threads: int | None = 1,
+              ) -> dict:
+    "An EMA-teacher step (B labeled, weak + strong views of 7B unlabeled, EMA update) ÷ a supervised step on B."
+    from ssfer_lib.semi import EMATeacher
+    from ssfer_lib.vit import vit_size
+    old = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
+    try:
+        sup_step, model = _bare_step(size, batch_size)
+        s = vit_size(size)['img_size']; u = batch_size * uratio
+        task = EMATeacher(model, 7); opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        img = lambda n: dict(image=torch.randn(n, 3, s, s), label=torch.arange(n) % 7)
+        b = dict(labeled=img(batch_size), unlabeled=dict(weak=img(u), strong=img(u)))
+        n = [0]
+        def ema_step():
+            opt.zero_grad(set_to_none=True); task(b)['loss'].backward(); opt.step(); n[0] += 1; task.after_step(n[0])
+        med = _median_times(dict(ema_teacher=ema_step, supervised=sup_step), steps, warmup)
+    finally: torch.set_num_threads(old)
+    res = dict(ema_over_supervised=med['ema_teacher'] / med['supervised'],
+               image_steps_ratio=1 + 2 * uratio,  # forward+backward of B + 7B strong, forward of 7B weak: ≤ this if linear
+               cpu_ms=dict(ema_teacher=1000 * med['ema_teacher'], supervised=1000 * med['supervised']),
+               size=size, batch_size=batch_size, uratio=uratio, steps=steps, warmup=warmup, machine=machine())
+    if out is not None: atomic_write_json(out, res)
+    return res
+
+# %% ../nbs/80_bench.ipynb #0e4f20d1
+def run_stage(cfg: dict) -> str:
+    "The stage a run's saved config belongs to (by its distinguishing fields)."
+    if 'mask_ratio' in cfg: return 'pretrain'
+    if 'algorithm' in cfg: return 'semi'
+    if 'method' in cfg and 'view_bank' in cfg: return 'mscl'
+    return 'finetune'
+
+def bench_demo(out: str | Path | None = 'outputs/bench/demo.json',  # JSON written (None: not written)
+               runs: str | Path = 'outputs/runs',  # folder of run folders with metrics.json
+               size: str = 'demo',  # model size of the demo's runs (for the bare step time)
+               batch_size: int = 32, steps: int = 5, warmup: int = 1,
+               threads: int | None = 1,
+              ) -> dict:
+    "The demo's wall time by stage (from its runs' metrics.json) ÷ its compute floor (image-steps × bare step time, measured now)."
+    import json
+    from ssfer_lib.timing import image_steps
+    by, floor_steps, n = {}, {}, 0
+    for p in sorted(Path(runs).glob('*/metrics.json')):
+        m = json.loads(p.read_text()); cfg = m.get('provenance', {}).get('config') or {}
+        sec = m['metrics'].get('seconds', m['metrics'].get('train_seconds'))
+        if not cfg or sec is None: continue
+        st = run_stage(cfg); n += 1
+        by[st] = by.get(st, 0.0) + sec
+        c = image_steps(st, cfg, m['metrics'].get('n_labeled'))
+        floor_steps[st] = floor_steps.get(st, 0) + c['train'] * (0.4 if st == 'pretrain' else 1)  # MAE's step ≤ 0.40 of a full one
+    res = dict(runs=n, wall_s_by_stage=by, target=1.3, machine=machine())
+    if n:
+        old = torch.get_num_threads()
+        if threads: torch.set_num_threads(threads)
+        try: step, _ = _bare_step(size, batch_size); per_image = _median_times(dict(s=step), steps, warmup)['s'] / batch_size
+        finally: torch.set_num_threads(old)
+        floor = {k: v * per_image for k, v in floor_steps.items()}
+        res |= dict(step_s_per_image=per_image, floor_s_by_stage=floor, wall_s=sum(by.values()), floor_s=sum(floor.values()),
+                    ratio_by_stage={k: by[k] / floor[k] for k in by if floor.get(k)})
+        res['ratio'] = res['wall_s'] / res['floor_s']; res['ok'] = res['ratio'] <= res['target']
+    if out is not None: atomic_write_json(out, res)
+    return res
+
+# %% ../nbs/80_bench.ipynb #d59357c1
+def bench_ddp(out: str | Path | None = 'outputs/bench/ddp.json', **kw) -> dict:
+    "Stub: DDP on 2 CPU processes (gloo) vs 1 on the same global batch — filled by the DDP work (issue 16, figure 5)."
+    res = dict(status='not measured yet', figure='DDP 2 processes vs 1, same global batch: scaling efficiency')
+    if out is not None: atomic_write_json(out, res)
+    return res
+
+# %% ../nbs/80_bench.ipynb #246b9936
+def bench_summary(folder: str | Path = 'outputs/bench',  # where the `<name>.json` files are
+                 ) -> str:
+    "Markdown summary of the benchmark JSON files in `folder` (written to `folder/README.md`); returns it."
+    import json
+    f = Path(folder); r = {p.stem: json.loads(p.read_text()) for p in sorted(f.glob('*.json')) if p.stem != 'profile'}
+    def g(name, *keys):  # r[name][k1][k2]…, or None when absent
+        v = r.get(name)
+        for k in keys: v = v.get(k) if isinstance(v, dict) else None
+        return v
+    fmt = lambda v: f'{v:.3f}' if isinstance(v, (int, float)) and not isinstance(v, bool) else '—'
+    rows = [('1a FaceMix ÷ plain step on 2B', g('facemix', 'a_facemix_over_plain_2b'), '≤ 1.05'),
+            ('1b FaceMix ÷ Mixup on B', g('facemix', 'b_facemix_over_mixup_b'), '≈ 2 (twice the images)')]
+    rows += [(f'1c live {k} ÷ cached boxes', v, '—') for k, v in (g('facemix', 'c_live_over_cached') or {}).items()]
+    rows += [('2 MAE step (mask 0.75) ÷ full tokens', g('mae', 'ratio'), '≤ 0.40'),
+             ('3 loader time ÷ step time (share)', g('loader', 'loader_share_of_step'), '≤ 0.10'),
+             ('4 EMA-teacher step (7:1) ÷ supervised step', g('semi', 'ema_over_supervised'), f"< {fmt(g('semi', 'image_steps_ratio'))} image-steps"),
+             ('5 DDP 2 processes ÷ 1 (efficiency)', g('ddp', 'efficiency'), '—'),
+             ('6 demo wall time ÷ compute floor', g('demo', 'ratio'), '≤ 1.3')]
+    m = next((v['machine'] for v in r.values() if isinstance(v, dict) and 'machine' in v), machine())
+    md = ['# Benchmarks', '', f"Written by `ssfer bench` (`ssfer_lib.bench.bench_summary`). Machine: {m['cores']} cores, {m['cpu']}, "
+          f"torch {m['torch']}, {m['threads']} thread(s) while timing. Every figure is a ratio of medians from one run "
+          '(interleaved repetitions after warm-up); absolute times on a shared machine are not comparable across runs.', '',
+          '| figure | ratio | target |', '|---|---:|---|'] + [f'| {a} | {fmt(b)} | {c} |' for a, b, c in rows]
+    if g('demo', 'wall_s_by_stage'):
+        md += ['', 'Demo wall time by stage (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in g('demo', 'wall_s_by_stage').items())]
+    text = '\n'.join(md) + '\n'
+    (f/'README.md').write_text(text)
+    return text
+
+# %% ../nbs/80_bench.ipynb #7f20eb05
 BENCHMARKS = Registry('benchmark')
 BENCHMARKS.register('mae')(bench_mae)
 BENCHMARKS.register('facemix')(bench_facemix)
+BENCHMARKS.register('loader')(bench_loader)
+BENCHMARKS.register('semi')(bench_semi)
+BENCHMARKS.register('ddp')(bench_ddp)
+BENCHMARKS.register('demo')(bench_demo)
 
-# %% ../nbs/80_bench.ipynb #fbe38287
+# %% ../nbs/80_bench.ipynb #d3347d31
 def ddp_bench_worker(out: str,  # JSON written by rank 0
                      size: str = 'demo', batch_size: int = 32, steps: int = 8, warmup: int = 2, seed: int = 0):
     "In each process: time `steps` DDP steps (fwd + bwd + all-reduce + AdamW) of a `vit_size(size)` classifier on `batch_size` images."

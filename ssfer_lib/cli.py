@@ -35,7 +35,7 @@ def _reproduce(a):
     print('\n'.join(md.values()))
     print(f'tables written to {Path(a.root)/"tables"/(a.preset + ".md")}')
 
-# %% ../nbs/90_cli.ipynb #14fbb9c8
+# %% ../nbs/90_cli.ipynb #cf9a832a
 def _data(a):
     if a.action == 'synth':
         from ssfer_lib.synthfaces import write_synthfaces
@@ -71,12 +71,13 @@ def _boxes(a):
     print(json.dumps(res.summary(), indent=2, default=str))
 
 def _bench(a):
-    from ssfer_lib.bench import BENCHMARKS
+    from ssfer_lib.bench import BENCHMARKS, bench_summary
     for name in a.only or list(BENCHMARKS):
         r = BENCHMARKS[name](out=str(Path(a.out)/f'{name}.json'))
         print(f'{name}: ' + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))}, default=str))
+    print(bench_summary(a.out))  # outputs/bench/README.md
 
-# %% ../nbs/90_cli.ipynb #70028c01
+# %% ../nbs/90_cli.ipynb #993f19e2
 def _add_run(p):
     p.add_argument('notebook', help='experiment notebook: a path or a name in nbs/experiments (e.g. finetune)')
     p.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='override a parameter (repeatable)')
@@ -135,7 +136,7 @@ def _add_boxes(p):
     p.set_defaults(fn=post)
 
 def _add_bench(p):
-    p.add_argument('--only', nargs='+', help='run only these benchmarks (mae, facemix)')
+    p.add_argument('--only', nargs='+', help='run only these benchmarks (mae, facemix, loader, semi, ddp, demo)')
     p.add_argument('--out', default='outputs/bench', help='folder of the JSON results')
     p.set_defaults(fn=_bench)
 

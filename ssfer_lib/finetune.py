@@ -26,7 +26,7 @@ __all__ = ['FINETUNE_PRESETS', 'SELECT_RULES', 'RULE_NAMES', 'MIX_TASKS', 'Finet
            'finetune_data', 'holdout_indices', 'holdout_val', 'selection_rule', 'rule_metrics', 'finetune_model',
            'finetune_task', 'finetune_run_config', 'finetune']
 
-# %% ../nbs/41_finetune.ipynb #a7830bac
+# %% ../nbs/41_finetune.ipynb #bfae3361
 @dataclasses.dataclass
 class FinetuneConfig(StageConfig):
     "Stage-2 (supervised fine-tuning) settings: the shared fields (SSFER's fine-tuning defaults) and the stage's own."
@@ -57,6 +57,7 @@ class FinetuneConfig(StageConfig):
     small_set_size: int = 500
     select: str = 'test'  # reported epoch: 'test' best on test (paper's protocol), 'val' best on a held-out validation split, 'last'
     val_ratio: float = 0.1  # select='val': fraction of each class's labeled images held out (at least 1; our choice)
+    eval_every: int = 1  # evaluate every N epochs and after the last; best-epoch selection sees only those (1: every epoch, our choice)
 
 FINETUNE_PRESETS = {
     'paper': {},
@@ -132,7 +133,7 @@ def holdout_val(d: dict,  # a stage's datasets with `labeled` (e.g. from `finetu
     tr, va = holdout_indices(lab.labels, val_ratio, seed)
     return d | dict(labeled=lab.subset(lab.indices[tr]), val=lab.subset(lab.indices[va], view))
 
-# %% ../nbs/41_finetune.ipynb #fde22a8b
+# %% ../nbs/41_finetune.ipynb #c9718506
 SELECT_RULES = {'test': 'best_test', 'val': 'val_selected', 'last': 'last'}  # config `select` -> metrics.json prefix
 RULE_NAMES = {'best_test': "best epoch on test (paper's protocol)", 'last': 'last epoch', 'val_selected': 'validation-selected'}
 
@@ -152,7 +153,7 @@ def rule_metrics(history: list[dict],  # `fit`'s per-epoch logs (with `test/…`
     else:
         key = ('test' if rule == 'best_test' else 'val') + (f'/{network}' if network else '') + '/acc'
         if key not in history[-1]: raise KeyError(f'rule {rule!r} needs {key!r} in the history; logged: {sorted(history[-1])}')
-        h = max(history, key=lambda e: e[key])  # max keeps the first of equal maxima
+        h = max((e for e in history if key in e), key=lambda e: e[key])  # evaluated epochs only; max keeps the first of equal maxima
     out = {f'{rule}/epoch': h['epoch']} | {f'{rule}/{k}': v for k, v in h.items() if k.startswith(('test/', 'val/'))}
     if network:  # the picking network's numbers also without its name
         out |= {f'{rule}/{s}/{k[len(s) + len(network) + 2:]}': v for k, v in h.items()
@@ -201,7 +202,7 @@ def finetune_run_config(preset: str = 'paper',  # a name in FINETUNE_PRESETS
     check_vit(cfg)
     return cfg
 
-# %% ../nbs/41_finetune.ipynb #b220d1f8
+# %% ../nbs/41_finetune.ipynb #07953f62
 def finetune(cfg: FinetuneConfig,  # the run's settings
              out_dir: str | Path,  # run folder: checkpoints, history, figure, metrics.json
              progress: bool = True,  # tqdm bars
@@ -231,7 +232,7 @@ def finetune(cfg: FinetuneConfig,  # the run's settings
                 log |= {pre + k: v for k, v in evaluate(m, ld, K, device).items() if not isinstance(v, list)}
         return log
     history = fit(task, loader, optimizer=opt, epochs=epochs, scheduler=sched, device=device, amp=cfg.amp,
-                  accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn,
+                  accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn, eval_every=cfg.eval_every,
                   select={'best_test': 'test/acc', 'val_selected': 'val/acc', 'last': None}[rule], ckpt_dir=out,
                   progress=progress, extra=dict(config=dataclasses.asdict(cfg)))
     if not is_main_process(): return {}  # rank 0 evaluates and writes

@@ -32,7 +32,7 @@ __all__ = ['DATA_DEFAULTS', 'MSCL_PRESETS', 'METHODS', 'FIG6_GRID', 'MSCLConfig'
            'mscl_run_config', 'mscl_optimizer', 'fit_mscl', 'align_faces', 'ViewBank', 'mscl_data', 'mscl_experiment',
            'tsne_figure', 'sweep_points', 'sensitivity_sweep', 'sensitivity_figure', 'mscl_sweep']
 
-# %% ../nbs/43_mimic.ipynb #fb3a96d8
+# %% ../nbs/43_mimic.ipynb #4cf4faf0
 @dataclass
 class MSCLConfig(StageConfig):
     "MIMIC fine-tuning settings; defaults are the paper's RAF-DB recipe."
@@ -60,6 +60,7 @@ class MSCLConfig(StageConfig):
     kappa: str = 'iou'  # FaceMix κ metric
     facemix_loss: str = 'L4'  # FaceMix loss variant
     label_smoothing: float = 0.1  # of FaceMix's mixed targets (SSFER's value)
+    eval_every: int = 1  # evaluate every N epochs and after the last; best-epoch selection sees only those (1: every epoch, our choice)
     balanced_sampler: bool = False  # class-balanced sampling (AffectNet)
     # shared fields with MIMIC's values
     init: str = 'scratch'  # 'scratch' or an MAE checkpoint (`ssfer_lib.mae.load_encoder`)
@@ -149,7 +150,7 @@ def mscl_optimizer(task: Task,  # any task with `.model` (the ViT) and possibly 
     "AdamW with layer decay on `task.model`, plus the task's other parameters (projection head) at the full lr."
     return build_optimizer(task.model, lr=lr, weight_decay=weight_decay, opt='adamw', betas=betas, layer_decay=layer_decay, task=task)
 
-# %% ../nbs/43_mimic.ipynb #4caaa8dc
+# %% ../nbs/43_mimic.ipynb #e786af6b
 def fit_mscl(cfg: MSCLConfig,  # settings
              train_ds,  # augmenting dataset of dicts (`image`, `label`, `box`); or one already giving dict(weak, strong)
              test_loader,  # yields test batches (`image`, `label`)
@@ -177,7 +178,7 @@ def fit_mscl(cfg: MSCLConfig,  # settings
     ev = lambda tk: {f'test/{k}': v for k, v in evaluate(tk.model, test_loader, cfg.num_classes, device).items()
                      if k in ('acc', 'macro_f1', 'mean_class_acc')}
     hist = fit(task, loader, optimizer=opt, epochs=cfg.epochs, scheduler=sched, device=device, amp=cfg.amp,
-               accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=ev,
+               accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=ev, eval_every=cfg.eval_every,
                ckpt_dir=ckpt_dir, progress=progress, extra=dict(config=dataclasses.asdict(cfg)))
     return dict(task=task, history=hist)
 
@@ -244,7 +245,7 @@ def mscl_data(cfg: MSCLConfig) -> dict:
     if cfg.view_bank: train = ViewBank(train, cfg.view_bank, cfg.seed)
     return dict(train=train, test=test, labels=d['train'].labels, classes=list(d['classes']))
 
-# %% ../nbs/43_mimic.ipynb #e1879245
+# %% ../nbs/43_mimic.ipynb #292dafea
 def mscl_experiment(cfg: MSCLConfig,  # the run's settings
                     out_dir: str | Path,  # run folder: checkpoints, history, figures, features, metrics.json
                     data: dict | None = None,  # from `mscl_data(cfg)` (share it across runs of one seed); None: built here
@@ -266,7 +267,7 @@ def mscl_experiment(cfg: MSCLConfig,  # the run's settings
     feats, labels = p['features'].numpy(), p['labels'].numpy()
     np.savez_compressed(out/'test_features.npz', features=feats, labels=labels)
     fig = plot_confusion(m['confusion'], d['classes'], title=f'{cfg.method} · {cfg.proj}'); fig.savefig(out/'confusion.png', dpi=110); plt.close(fig)
-    last, best = hist[-1], max(hist, key=lambda h: h['test/acc'])  # max keeps the first of equal maxima
+    last, best = hist[-1], max((h for h in hist if 'test/acc' in h), key=lambda h: h['test/acc'])  # evaluated epochs; first of equal maxima
     metrics = {f'test/{k}': v for k, v in m.items()} | {'selection': 'last', 'reported_model': 'model'} | {
         f'{r}/{k}': h[k] for r, h in (('last', last), ('best_test', best)) for k in h if k.startswith('test/')} | {
         'last/epoch': last['epoch'], 'best_test/epoch': best['epoch'], 'method': cfg.method, 'proj': cfg.proj, 'epochs': cfg.epochs,

@@ -25,7 +25,7 @@ __all__ = ['SEMI_RECIPES', 'SEMI_PRESETS', 'REPORTED_NETWORK', 'NETWORK_NAMES', 
            'semi_data', 'SemiLoader', 'semi_loaders', 'semi_model', 'plot_pseudo_labels', 'evaluate_models',
            'reported_network', 'check_ranks_agree', 'semi_train']
 
-# %% ../nbs/42_semi_train.ipynb #9753a9f6
+# %% ../nbs/42_semi_train.ipynb #5f3529a8
 @dataclasses.dataclass
 class SemiConfig(StageConfig):
     "Stage-3 settings; defaults are SSFER's (§4.2, else its official code), other algorithms' recipes are in `SEMI_RECIPES`."
@@ -63,6 +63,7 @@ class SemiConfig(StageConfig):
     lr: float = 1.5e-4  # §4.2
     batch_size: int = 64  # labeled images per step (§4.2)
     betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW default (our choice; not given in the paper)
+    eval_every: int = 1  # evaluate every N epochs and after the last; best-epoch selection sees only those (1: every epoch, our choice)
 
 # %% ../nbs/42_semi_train.ipynb #30a6dd26
 SEMI_RECIPES = {
@@ -253,7 +254,7 @@ def check_ranks_agree(module: torch.nn.Module) -> None:
     bad = [k for i, k in enumerate(sorted(st) * 2) if lo[i] != hi[i]]
     if bad: raise RuntimeError(f'DDP ranks disagree after training on {sorted(set(bad))[:5]} (the teacher/thresholds drifted)')
 
-# %% ../nbs/42_semi_train.ipynb #900994e5
+# %% ../nbs/42_semi_train.ipynb #4c68c7d4
 def semi_train(cfg: SemiConfig,  # the run's settings
                out_dir: str | Path,  # run folder: checkpoints, history, figures, metrics.json
                progress: bool = True,  # tqdm bars
@@ -280,7 +281,7 @@ def semi_train(cfg: SemiConfig,  # the run's settings
         return {f'{s}/{n}/{k}': v for s in ('test', 'val') if s in L
                 for n, r in evaluate_models(t.eval_models(), L[s], K, device, cfg.vote_window).items() for k, v in scalars(r).items()}
     history = fit(task, L['train'], optimizer=opt, epochs=cfg.epochs, scheduler=sched, steps_per_epoch=cfg.steps_per_epoch,
-                  device=device, amp=cfg.amp, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn, ckpt_dir=out, progress=progress,
+                  device=device, amp=cfg.amp, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn, eval_every=cfg.eval_every, ckpt_dir=out, progress=progress,
                   select={'best_test': f'test/{main}/acc', 'val_selected': f'val/{main}/acc', 'last': None}[rule],
                   extra=dict(config=dataclasses.asdict(cfg)))
     check_ranks_agree(task)  # DDP averaged the gradients: student, teacher (EMA) and DTM thresholds are the same everywhere

@@ -94,7 +94,7 @@ def train_loader(ds,  # the training dataset
     return DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, worker_init_fn=seed_worker, generator=generator)
 
-# %% ../nbs/20_train.ipynb #4ac4c4ab
+# %% ../nbs/20_train.ipynb #55567048
 def to_device(batch: Any, device: torch.device) -> Any:
     "Move every tensor of a (nested) batch to `device`."
     if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
@@ -112,29 +112,33 @@ def _batches(loader: Iterable, n: int | None):
             if i == 0 and not hasattr(loader, '__len__'): raise ValueError('loader yielded no batches')
             it = iter(loader)
 
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    "float64 where the device has it (bit-identical to summing Python floats), else float32 (MPS)."
+    return torch.float32 if device.type == 'mps' else torch.float64
+
 def _autocast(device: torch.device, amp: bool):
     if not amp or device.type != 'cuda': return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast('cuda', dtype=dtype)
 
-# %% ../nbs/20_train.ipynb #55a5617c
+# %% ../nbs/20_train.ipynb #47c33c5e
 def _grad_sync(net: nn.Module, sync: bool):
     "DDP's `no_sync()` on a micro-batch that does not step: its gradients accumulate locally, one all-reduce per optimizer step."
     return net.no_sync() if not sync and hasattr(net, 'no_sync') else contextlib.nullcontext()  # DDP decides in forward
 
-def epoch_means(sums: dict,  # logged scalar -> sum over this process's batches
+def epoch_means(sums: dict,  # logged scalar -> sum over this process's batches (a number or a 0-d tensor)
                 n: int,  # this process's batches
                 device: torch.device | str = 'cpu',  # where the collective runs (nccl needs the GPU)
                ) -> dict:
     "Per-epoch means of the logged scalars; under torchrun, over every process's batches (sums and counts all-reduced)."
     import torch.distributed as dist
     keys = sorted(sums)
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1): return {k: sums[k] / n for k in keys}
-    t = torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64, device=device)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1): return {k: float(sums[k]) / n for k in keys}
+    t = torch.tensor([float(sums[k]) for k in keys] + [n], dtype=torch.float64, device=device)  # one sync per epoch
     dist.all_reduce(t)  # every rank logs the same values (the keys are the task's outputs: the same on every rank)
     return dict(zip(keys, (t[:-1] / t[-1]).tolist()))
 
-# %% ../nbs/20_train.ipynb #2478a0f8
+# %% ../nbs/20_train.ipynb #ee2efc6c
 def fit(task: Task,  # the objective (holds the model(s))
         loader: Iterable,  # yields batches (dicts of tensors)
         *,
@@ -147,7 +151,8 @@ def fit(task: Task,  # the objective (holds the model(s))
         accum_steps: int = 1,  # gradient accumulation: batches per optimizer step (an epoch uses whole groups only)
         grad_clip: float | None = None,  # max gradient norm
         eval_fn: Callable[[Task], dict] | None = None,  # called after each epoch, returns metrics to log
-        select: str | None = None,  # metric (from eval_fn) whose maximum picks `best.pt`
+        select: str | None = None,  # metric (from eval_fn) whose maximum picks `best.pt` (among evaluated epochs)
+        eval_every: int = 1,  # call eval_fn every this many epochs and always after the last (1: every epoch)
         ckpt_dir: str | Path | None = None,  # where `last.pt`/`best.pt`/`history.json` go; resumes from `last.pt`
         resume: bool = True,  # continue from `ckpt_dir/last.pt` when present
         on_epoch_end: Callable[[int, dict], None] | None = None,  # called with (epoch, log) after the checkpoint is saved
@@ -156,6 +161,7 @@ def fit(task: Task,  # the objective (holds the model(s))
         extra: dict | None = None,  # plain values saved in every checkpoint (e.g. the config)
        ) -> list[dict]:
     "Train `task` for `epochs`; returns the per-epoch log (also in `ckpt_dir/history.json`)."
+    if not (isinstance(eval_every, int) and eval_every >= 1): raise ValueError(f'eval_every must be an integer >= 1, got {eval_every!r}')
     if not (isinstance(accum_steps, int) and accum_steps >= 1): raise ValueError(f'accum_steps must be an integer >= 1, got {accum_steps!r}')
     device = get_device(device) if isinstance(device, str) else device
     task.to(device)
@@ -178,7 +184,7 @@ def fit(task: Task,  # the objective (holds the model(s))
     for epoch in range(start, epochs):
         if hasattr(getattr(loader, 'sampler', None), 'set_epoch'): loader.sampler.set_epoch(epoch)
         task.train()
-        sums, n = defaultdict(float), 0
+        sums, n = defaultdict(float), 0  # tensors accumulate in float64 on the device: one sync per epoch, same sums as .item()
         total = steps_per_epoch if steps_per_epoch is not None else (len(loader) if hasattr(loader, '__len__') else None)
         if total and total < accum_steps:  # the stages' schedulers would count a step that never comes
             raise ValueError(f'accum_steps={accum_steps} exceeds the {total} batches of an epoch: no optimizer step would run')
@@ -203,21 +209,22 @@ def fit(task: Task,  # the objective (holds the model(s))
                 if scheduler is not None: scheduler.step_update(step)
                 task.after_step(step)
             for k, v in out.items():
-                if isinstance(v, torch.Tensor) and v.numel() == 1: sums[k] += v.detach().float().item()
+                if isinstance(v, torch.Tensor) and v.numel() == 1: sums[k] = sums[k] + v.detach().reshape(()).float().to(_acc_dtype(device))
                 elif isinstance(v, (int, float)): sums[k] += float(v)
             n += 1
-            if i % 10 == 0: bar.set_postfix(loss=f'{loss.item():.4f}')
+            if i % 10 == 0 and not bar.disable: bar.set_postfix(loss=f'{loss.item():.4f}')
         optimizer.zero_grad(set_to_none=True)  # a loader without len() may end inside a group: its gradients are dropped
         if n == 0: raise ValueError('the training loader yielded no batches (is the labeled set smaller than one batch with drop_last?)')
         if n < accum_steps: raise ValueError(f'accum_steps={accum_steps} exceeds the {n} batches of epoch {epoch + 1}: no optimizer step ran')
         log = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[-1]['lr'])
         log |= {f'train/{k}': v for k, v in epoch_means(sums, n, device).items()}
         log |= task.after_epoch(epoch)
-        if eval_fn is not None: log |= eval_fn(task)
+        evaluated = eval_fn is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs)
+        if evaluated: log |= eval_fn(task)
         history.append(log)
         rngs = rank_rng_states() if ckpt_dir is not None else None  # a collective: every rank calls it
         if ckpt_dir is not None and is_main_process():
-            if select is not None:
+            if select is not None and (evaluated or eval_fn is None):
                 if select not in log: raise KeyError(f'select={select!r} is not a logged metric; logged: {sorted(log)}')
                 if log[select] > best:
                     best = log[select]
@@ -230,7 +237,7 @@ def fit(task: Task,  # the objective (holds the model(s))
         if on_epoch_end is not None: on_epoch_end(epoch, log)
     return history
 
-# %% ../nbs/20_train.ipynb #9e83393f
+# %% ../nbs/20_train.ipynb #54a1f0ee
 def submodule_state(state: dict,  # a task's state dict (e.g. `load_weights('best.pt')['model']`)
                     prefix: str = 'model.',  # the submodule's attribute name plus a dot
                    ) -> dict:
