@@ -93,5 +93,36 @@ def test_kill_at_a_random_step_and_resume(tmp_path, name, sig):
     assert a == b, (at, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)})
 
 
+@pytest.mark.slow
+def test_ssfer_run_sigint_reaches_the_kernel_and_the_same_command_resumes(tmp_path):
+    "Ctrl-C to `ssfer run` (papermill keeps the kernel out of the terminal's reach) stops `fit` cleanly; re-running resumes."
+    from conftest import BIN
+    cmd = [str(BIN/'ssfer'), 'run', 'finetune', '-p', 'preset', 'test', '-p', 'epochs', '20', '--root', 'runs']
+    ssfer = lambda name, **kw: subprocess.Popen(cmd + ['--name', name], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE, **kw)
+    ref = ssfer('straight'); ref_out, _ = ref.communicate(timeout=900)
+    assert ref.returncode == 0, ref_out[-2000:]
+    p, run = ssfer('stopped'), tmp_path/'runs'/'stopped'
+    t0 = time.time()
+    while not (run/'last.pt').exists() and p.poll() is None and time.time() - t0 < 600: time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, (p.returncode, err[-3000:])
+    lines = [l for l in err.strip().splitlines() if 'Kernel is running over TCP' not in l]  # jupyter's harmless warning
+    assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+    done = json.loads((run/'history.json').read_text())[-1]['epoch']
+    assert 0 < done < 20 and not (run/'metrics.json').exists(), done
+    assert lines[0].startswith('ssfer: interrupted: finetune.ipynb: SIGINT stopped training at step '), lines[0]
+    assert f'({done}/20 epochs done); {run.resolve()/"last.pt"} keeps epoch {done}, where the same run resumes; ' in lines[0], lines[0]
+    assert lines[0].endswith('to resume, run the same command again: ssfer ' + ' '.join(cmd[1:]) + ' --name stopped'), lines[0]
+    again = ssfer('stopped'); again_out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, again_out[-2000:]
+    a, b = (json.loads((tmp_path/'runs'/n/'metrics.json').read_text())['metrics'] for n in ('straight', 'stopped'))
+    for m in (a, b):
+        for k in SECONDS: m.pop(k, None)
+        m['boxes'].pop('cached')
+    assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
 if __name__ == '__main__':
     sys.exit(_child(sys.argv[1], sys.argv[2], int(sys.argv[3])))
