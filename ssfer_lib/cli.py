@@ -144,10 +144,13 @@ def _add_bench(p):
 
 def _add_version(p): p.set_defaults(fn=_version)
 
-# %% ../nbs/90_cli.ipynb #c1806bdb
+# %% ../nbs/90_cli.ipynb #57ec9db3
+class _Parser(argparse.ArgumentParser):  # (its subcommands' parsers are of the same class)
+    def error(self, message): self.exit(2, f'ssfer: error: {message} (see {self.prog} --help)\n')  # one line, as every error
+
 def build_parser() -> argparse.ArgumentParser:
     "The `ssfer` argument parser with every subcommand."
-    ap = argparse.ArgumentParser(prog='ssfer', description='Semi-supervised facial expression recognition: SSFER, MSCL, DTM.')
+    ap = _Parser(prog='ssfer', description='Semi-supervised facial expression recognition: SSFER, MSCL, DTM.')
     sub = ap.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name, help, add in [('version', 'print versions', _add_version),
                             ('run', 'run one experiment notebook with papermill (its options are checked first)', _add_run),

@@ -18,7 +18,7 @@ from .synthfaces import GENERATOR_VERSION
 # %% auto #0
 __all__ = ['SPLIT_KINDS', 'draw_split', 'split_name', 'load_split', 'make_split']
 
-# %% ../nbs/13_splits.ipynb #50e07a7c
+# %% ../nbs/13_splits.ipynb #bf8ff4ed
 SPLIT_KINDS = ('ratio', 'per_class', 'total', 'kfold', 'noise', 'all')
 
 def _quota(counts: np.ndarray, kind: str, value: float) -> np.ndarray:
@@ -73,6 +73,9 @@ def draw_split(labels,  # [N] class of every sample (0..C-1)
     else:
         if kind == 'per_class': _warn_short_classes(counts, value, class_names)
         q = _quota(counts, kind, value)
+        if (q == 0).any():  # (per_class below 1) a class the classifier would never see labeled
+            c = int(np.argmin(q)); name = repr(class_names[c]) if class_names is not None else str(c)
+            raise DataError(f'class {name} gets no labeled image from a {kind} split of {value:g}: ask for at least 1 label per class')
         for c in range(C): labeled[rng.permutation(np.flatnonzero(y == c))[:q[c]]] = 1
     train[labeled == 0] = -1
     return pd.DataFrame(dict(index=np.arange(len(y)), label=y, labeled=labeled, fold=fold, train_label=train))
