@@ -124,5 +124,25 @@ def test_ssfer_run_sigint_reaches_the_kernel_and_the_same_command_resumes(tmp_pa
     assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
 
 
+@pytest.mark.slow
+def test_a_signal_between_two_cells_starts_no_further_cell(tmp_path):
+    "An idle kernel ignores SIGINT, so `ssfer run` itself starts no further cell once it got one."
+    import nbformat
+    from conftest import BIN
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('out_dir = None', metadata={'tags': ['parameters']}),
+        nbformat.v4.new_code_cell('import os, signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)  # as if idle\n'
+                                  'os.kill(os.getppid(), signal.SIGINT); time.sleep(3)'),
+        nbformat.v4.new_code_cell("open(os.path.join(out_dir, 'ran.txt'), 'w').write('the third cell ran')")])
+    nbformat.write(nb, tmp_path/'toy.ipynb')
+    r = subprocess.run([str(BIN/'ssfer'), 'run', str(tmp_path/'toy.ipynb'), '--root', 'runs', '--name', 'toy'], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    lines = [l for l in r.stderr.strip().splitlines() if 'Kernel is running over TCP' not in l]
+    assert r.returncode == 130 and len(lines) == 1, (r.returncode, r.stderr[-3000:])
+    assert lines[0].startswith('ssfer: interrupted: toy.ipynb: stopped before cell '), lines[0]
+    assert lines[0].endswith(f'; to resume, run the same command again: ssfer run {tmp_path/"toy.ipynb"} --root runs --name toy'), lines[0]
+    assert not (tmp_path/'runs'/'toy'/'ran.txt').exists()
+
+
 if __name__ == '__main__':
     sys.exit(_child(sys.argv[1], sys.argv[2], int(sys.argv[3])))
