@@ -189,8 +189,8 @@ def mscl_run_config(preset: str = 'paper',  # a name in MSCL_PRESETS
     check_vit(cfg)
     return cfg
 
-# %% ../nbs/50_runner.ipynb #0422fb8e
-RESULT_FILES = ('metrics.json', 'history.json', 'last.pt', 'best.pt')
+# %% ../nbs/50_runner.ipynb #9b86f066
+RESULT_FILES = ('metrics.json', 'history.json', 'last.pt', 'best.pt', 'last.pt.sha256', 'best.pt.sha256')  # (checksums follow their file)
 
 def _changed_params(out: Path, params: dict) -> str:
     "'' when `out` is new or was started with `params`, else the differences as 'key: old → new, …'."
