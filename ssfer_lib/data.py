@@ -31,11 +31,15 @@ class Sample:
     box: tuple | None = None  # face box (x1, y1, x2, y2) in pixels of the original image, if known
     meta: dict = field(default_factory=dict, compare=False)  # e.g. video, frame, target (soft label), source line
 
-# %% ../nbs/11_data.ipynb #7cf5ee6f
+# %% ../nbs/11_data.ipynb #e38710a3
 def load_image(path: str | Path) -> np.ndarray:
     "Decode an image file as RGB uint8 `[H, W, 3]` (grayscale expanded to 3 channels)."
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None: raise DataError(f'{path}: unreadable or corrupt image' if os.path.exists(path) else f'{path}: missing file')
+    if not os.path.isfile(path): raise DataError(f'{path}: missing file')
+    data = Path(path).read_bytes()  # cut short: a JPEG without an end marker after its last scan, a PNG without IEND
+    cut = ((data[:2] == b'\xff\xd8' and data.rfind(b'\xff\xd9') < data.rfind(b'\xff\xda')) or
+           (data[:4] == b'\x89PNG' and b'IEND' not in data))
+    img = None if cut else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # (the pixels of cv2.imread)
+    if img is None: raise DataError(f'{path}: unreadable or corrupt image' + (' (truncated)' if cut else ''))
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 # %% ../nbs/11_data.ipynb #a325c64b

@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 
 # %% auto #0
-__all__ = ['CLASSES', 'PARAMS', 'NEUTRAL', 'PROTOTYPES', 'SPLITS', 'identity', 'identity_range', 'draw_face', 'background',
-           'synth_face', 'SynthFaces', 'box_iou', 'write_synthfaces']
+__all__ = ['CLASSES', 'PARAMS', 'NEUTRAL', 'PROTOTYPES', 'SPLITS', 'GENERATOR_VERSION', 'identity', 'identity_range', 'draw_face',
+           'background', 'synth_face', 'SynthFaces', 'box_iou', 'write_synthfaces']
 
-# %% ../nbs/12_synthfaces.ipynb #c1ea31c5
+# %% ../nbs/12_synthfaces.ipynb #d6014c83
 CLASSES = ('Surprise', 'Fear', 'Disgust', 'Happiness', 'Sadness', 'Anger', 'Neutral')
 PARAMS = ('brow_raise', 'brow_tilt', 'eye_open', 'mouth_curve', 'mouth_open', 'mouth_width', 'sneer')
 NEUTRAL = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0], np.float32)
@@ -28,6 +28,7 @@ PROTOTYPES = np.array([
     NEUTRAL,                                  # Neutral
 ], np.float32)
 SPLITS = {'train': 0, 'test': 1, 'unlabeled': 2}
+GENERATOR_VERSION = 1  # bump with any change to the images, boxes or labels drawn: split and box cache keys carry it
 
 # %% ../nbs/12_synthfaces.ipynb #f292a2b2
 def identity(seed: int,  # dataset seed
