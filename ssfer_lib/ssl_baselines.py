@@ -127,12 +127,12 @@ class ScheduledTask(SemiTask):
 
     def after_step(self, step: int) -> None: self.steps_done.fill_(step)
 
-# %% ../nbs/35a_ssl_baselines.ipynb #3c85705a
+# %% ../nbs/35a_ssl_baselines.ipynb #8ee8d924
 @SSL_ALGORITHMS.register('pi_model')
 class PiModel(ScheduledTask):
     "Π-model: squared difference of the softmax outputs on two views, weighted by a Gaussian ramp-up."
     def __init__(self, model: nn.Module, num_classes: int = 7,
-                 lambda_u: float = 100.0,  # w_max (Laine & Aila 2017, App. A; without their M/N factor, see text)
+                 lambda_u: float = 100.0,  # w_max (Laine & Aila 2017, official config; without their M/N factor, see text)
                  rampup: float = 80 / 300,  # ramp-up length as a fraction of training (80 of 300 epochs, ibid.)
                  total_steps: int | None = None,
                 ):
