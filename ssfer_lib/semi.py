@@ -184,14 +184,15 @@ class FixMatch(SemiTask):
         return dict(loss=loss_l + self.lambda_u * loss_u, loss_l=loss_l, loss_u=loss_u,
                     **self.record(pseudo, mask, weak['label']))
 
-# %% ../nbs/35_semi.ipynb #2017780b
+# %% ../nbs/35_semi.ipynb #7c628b48
 def gradient_report(task: Task,  # a task whose student is `task.model`
                     batch: dict,  # one batch it accepts (use τ low enough that some pseudo-labels pass)
                    ) -> dict[str, list[str] | bool | None]:
-    "Student parameters missing a gradient, other parameters with one, and whether `loss_u` alone reaches the student."
+    "Student parameters (with `task.heads`) missing a gradient, other parameters with one, and whether `loss_u` alone reaches the student."
     task.train(); task.zero_grad(set_to_none=True)
     out = task(batch)
-    student = dict(task.model.named_parameters())
+    heads = getattr(task, 'heads', None)  # trained with the student (e.g. a projection head)
+    student = dict(task.model.named_parameters()) | (dict(heads.named_parameters('heads')) if isinstance(heads, nn.Module) else {})
     ids = {id(p) for p in student.values()}
     u_reaches = None
     if isinstance(out.get('loss_u'), torch.Tensor):

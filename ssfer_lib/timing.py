@@ -16,7 +16,7 @@ def _get(cfg, k, default=None):
 
 def _n_labeled(cfg, num_classes: int = 7) -> int:
     "Labeled images of a run's split (approximate: the split's rule without per-class rounding)."
-    kind, v, n = _get(cfg, 'split_kind', 'ratio'), _get(cfg, 'label_ratio', _get(cfg, 'split_value', 1.0)), _get(cfg, 'n_train', 0)
+    kind, v, n = _get(cfg, 'split_kind', 'ratio'), _get(cfg, 'split_value', 1.0), _get(cfg, 'n_train', 0)
     if kind == 'per_class': return int(v) * num_classes
     if kind == 'total': return int(v)
     if kind == 'ratio': return max(1, int(round(v * n)))

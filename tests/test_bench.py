@@ -84,8 +84,8 @@ def test_rule_metrics_skips_unevaluated_epochs():
 
 @pytest.mark.parametrize('stage,cfg', [
     ('pretrain', dict(epochs=4, batch_size=8, n_train=40, n_unlabeled=40)),
-    ('finetune', dict(epochs=4, batch_size=8, n_train=80, n_test=20, label_ratio=0.5, mix='facemix', small_set_epochs=None)),
-    ('semi', dict(epochs=4, batch_size=8, uratio=2, n_train=80, n_unlabeled=80, n_test=20, label_ratio=0.5)),
+    ('finetune', dict(epochs=4, batch_size=8, n_train=80, n_test=20, split_value=0.5, mix='facemix', small_set_epochs=None)),
+    ('semi', dict(epochs=4, batch_size=8, uratio=2, n_train=80, n_unlabeled=80, n_test=20, split_value=0.5)),
     ('mscl', dict(epochs=4, batch_size=8, n_train=80, n_test=20)),
 ])
 def test_timing_model_positive_and_monotone(stage, cfg):
@@ -98,7 +98,7 @@ def test_timing_model_positive_and_monotone(stage, cfg):
 
 def test_timing_model_eval_every_saves_eval_time():
     from ssfer_lib.timing import image_steps
-    cfg = dict(epochs=10, batch_size=8, n_train=80, n_test=20, label_ratio=0.5, mix='none', small_set_epochs=None)
+    cfg = dict(epochs=10, batch_size=8, n_train=80, n_test=20, split_value=0.5, mix='none', small_set_epochs=None)
     assert image_steps('finetune', cfg | dict(eval_every=5))['eval'] < image_steps('finetune', cfg)['eval']
     assert image_steps('finetune', cfg | dict(eval_every=5))['train'] == image_steps('finetune', cfg)['train']
 

@@ -9,6 +9,8 @@ from torch import nn
 from ssfer_lib.dtm import BalancedSampler, sliding_window_vote, update_class_thresholds
 from ssfer_lib.evaluate import macro_f1
 from ssfer_lib.semi import EMA, SSL_ALGORITHMS, gradient_report, pseudo_label_mask
+from ssfer_lib.ssl_baselines import PiModel  # the general baselines register themselves in SSL_ALGORITHMS
+from ssfer_lib.ssl_matches import FlexMatch
 from ssfer_lib.vit import create_vit, vit_size
 
 torch.set_num_threads(1)
@@ -92,11 +94,15 @@ def _vit_batch(nl=4, nu=6, size=16, c=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     xu, hidden = torch.randn(nu, 3, size, size, generator=g), torch.randint(-1, c, (nu,), generator=g)
     img = lambda n: torch.randn(n, 3, size, size, generator=g)
+    idx = torch.arange(nu)  # dataset positions (FlexMatch keeps one state per unlabeled sample)
     return dict(labeled=dict(image=img(nl), label=torch.arange(nl) % c),
-                unlabeled=dict(weak=dict(image=xu, label=hidden), strong=dict(image=xu + 0.5 * img(nu), label=hidden)))
+                unlabeled=dict(weak=dict(image=xu, label=hidden, index=idx), strong=dict(image=xu + 0.5 * img(nu), label=hidden, index=idx)))
 
 
-LOW_TAU = {'supervised': {}, 'ema_teacher': dict(tau=0.0), 'fixmatch': dict(tau=0.0), 'dtm': dict(tau_init=0.0)}
+LOW_TAU = {'supervised': {}, 'ema_teacher': dict(tau=0.0), 'fixmatch': dict(tau=0.0), 'dtm': dict(tau_init=0.0),
+           'pi_model': {}, 'pseudo_label': dict(tau=0.0), 'mean_teacher': {}, 'vat': {}, 'uda': dict(tau=0.0), 'mixmatch': {},
+           'remixmatch': {}, 'flexmatch': dict(tau=0.0, num_unlabeled=6), 'freematch': {}, 'softmatch': {},
+           'comatch': dict(tau=0.0), 'ccssl': dict(tau=0.0)}
 
 
 @pytest.mark.parametrize('name', sorted(SSL_ALGORITHMS))
