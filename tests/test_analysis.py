@@ -78,3 +78,64 @@ def test_gwo_log_scale_stays_in_bounds():
     gwo_minimize(lambda p: seen.append(p['lr']) or -math.log10(p['lr']), dict(lr=(1e-5, 1e-3)), 40, 5, log_scale=['lr'])
     assert all(1e-5 * (1 - 1e-9) <= v <= 1e-3 * (1 + 1e-9) for v in seen)
     assert min(seen) < 1.1e-5  # pushed to the lower bound (the objective decreases with lr)
+
+
+# ---------------------------------------------------------------- Grad-CAM + FGSM (Table 7)
+from torchvision import tv_tensors
+from ssfer_lib.evaluate import evaluate
+from ssfer_lib.robustness import (Normalized, attack_accuracy, fgsm, gradcam_maps, input_gradient, pixel_view,
+                                  region_masks, vit_reshape_transform)
+from ssfer_lib.transforms import eval_view
+
+
+def tiny_vit(img_size=16, **kw):
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=img_size, patch_size=4, depth=2,
+                             embed_dim=48, num_heads=3, **kw).eval()
+
+
+@pytest.mark.parametrize('img_size,reg_tokens', [(16, 0), (24, 2)])
+def test_reshape_transform_matches_patch_grid(img_size, reg_tokens):
+    vit = tiny_vit(img_size, reg_tokens=reg_tokens)
+    g = img_size // 4
+    tokens = vit.forward_features(torch.rand(2, 3, img_size, img_size))  # [B, prefix + g², C]
+    assert tokens.shape[1] == 1 + reg_tokens + g * g
+    m = vit_reshape_transform(Normalized(vit))(tokens)
+    assert m.shape == (2, 48, g, g)
+    assert torch.equal(m[:, :, 1, 2], tokens[:, 1 + reg_tokens + 1 * g + 2])  # row-major patch order
+    assert gradcam_maps(Normalized(vit), torch.rand(2, 3, img_size, img_size)).shape == (2, img_size, img_size)
+
+
+def test_masks_partition_the_image():
+    cam = gradcam_maps(Normalized(tiny_vit()), torch.rand(4, 3, 16, 16))
+    m = region_masks(cam, 0.3)
+    assert m['focused'].shape == m['unfocused'].shape == (4, 1, 16, 16)
+    assert ((m['focused'].int() + m['unfocused'].int()) == 1).all()  # each pixel in exactly one region
+    assert torch.equal(m['focused'][:, 0], torch.as_tensor(cam) > 0.3)
+
+
+def test_fgsm_changes_only_the_region():
+    vit, x, y = Normalized(tiny_vit()), torch.rand(2, 3, 16, 16), torch.tensor([0, 2])
+    mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool); mask[0, :, 3:9, 2:7] = True; mask[1, :, 10:, :] = True
+    g = input_gradient(vit, x, y)
+    adv = fgsm(x, g, 0.04, mask)
+    diff = adv != x
+    assert not (diff & ~mask).any()  # outside the region: bit-identical
+    free = mask.expand_as(x) & (g != 0) & (x > 0.04) & (x < 0.96)
+    assert free.sum() > 100 and torch.allclose((adv - x)[free], 0.04 * g.sign()[free], atol=1e-6)
+    assert torch.equal(fgsm(x, g, 0.0, mask), x)
+    whole = fgsm(x, g, 0.04)  # no mask: every pixel moves (or is clipped)
+    assert (whole != x).float().mean() > 0.9
+
+
+def test_fgsm_eps0_keeps_accuracy():
+    vit = tiny_vit()
+    gen = torch.Generator().manual_seed(1)
+    imgs = [tv_tensors.Image(torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8, generator=gen)) for _ in range(10)]
+    y = torch.arange(10) % 3
+    pix = [dict(image=torch.stack([pixel_view(16)(i) for i in imgs]), label=y)]
+    nrm = [dict(image=torch.stack([eval_view(16)(i) for i in imgs]), label=y)]
+    r = attack_accuracy(Normalized(vit), pix, epsilons=(0.0, 0.5))
+    clean = evaluate(vit, nrm, 3)['acc']
+    assert r['acc']['focused'][0.0] == r['acc']['unfocused'][0.0] == clean
