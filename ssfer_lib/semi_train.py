@@ -238,6 +238,7 @@ def reported_network(algorithm: str,  # a name in SSL_ALGORITHMS
 def semi_train(cfg: SemiConfig,  # the run's settings
                out_dir: str | Path,  # run folder: checkpoints, history, figures, metrics.json
                progress: bool = True,  # tqdm bars
+               data: dict | None = None,  # datasets as `semi_data` returns them (e.g. one fold of a k-fold); None: from cfg
               ) -> dict:
     "Train `cfg.algorithm` from the stage-2 student; evaluate every network each epoch; write and return the metrics."
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # both loaders would need sharding and the teacher a single writer
@@ -246,7 +247,7 @@ def semi_train(cfg: SemiConfig,  # the run's settings
     t0, (out, prov, _) = time.time(), start_run(cfg, out_dir)
     device = get_device(cfg.device)
     cls = SSL_ALGORITHMS[cfg.algorithm]
-    d = semi_data(cfg); K = len(d['classes'])
+    d = data if data is not None else semi_data(cfg); K = len(d['classes'])
     L = semi_loaders(d, cfg, use_unlabeled=getattr(cls, 'uses_unlabeled', True))
     model = semi_model(cfg, K).to(device)
     kw = task_kwargs(cls, cfg, labeled_loader=L['labeled_eval'])

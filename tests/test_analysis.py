@@ -139,3 +139,107 @@ def test_fgsm_eps0_keeps_accuracy():
     r = attack_accuracy(Normalized(vit), pix, epsilons=(0.0, 0.5))
     clean = evaluate(vit, nrm, 3)['acc']
     assert r['acc']['focused'][0.0] == r['acc']['unfocused'][0.0] == clean
+
+
+# ---------------------------------------------------------------- k-fold, Adience, label noise, GWO of stage 2 (Tables 5, 8, 9, 16)
+from ssfer_lib.analysis import (GWOConfig, KFoldConfig, NoiseConfig, RobustnessConfig, analysis_config, gwo_finetune_lrs,
+                                kfold_experiment, label_noise_experiment, label_noise_summary, robustness_experiment)
+from ssfer_lib.core import read_metrics
+
+
+def test_kfold_one_number_per_fold(tmp_path):
+    "A baseline (timm's tiny test_resnet) on all 5 folds: one accuracy per fold, each fold held out exactly once."
+    m = kfold_experiment(analysis_config(KFoldConfig, 'test', method='test_resnet', box_root=str(tmp_path/'boxes')), tmp_path/'run')
+    assert len(m['fold_acc']) == 5 == len(m['folds'])
+    assert m['fold_acc'] == [read_metrics(tmp_path/'run'/f'fold{f}')['metrics']['test/acc'] for f in range(1, 6)]
+    assert m['mean_acc'] == pytest.approx(sum(m['fold_acc']) / 5)
+    assert sum(r['n_eval'] for r in m['folds']) == 70 and all(r['n_train'] + r['n_eval'] == 70 for r in m['folds'])
+    assert all(r['n_labeled'] == r['n_train'] == 56 for r in m['folds'])  # 100 % of the training part
+    assert read_metrics(tmp_path/'run'/'fold2')['metrics']['n_test'] == 14
+    with pytest.raises(KeyError, match='timm model'):
+        kfold_experiment(analysis_config(KFoldConfig, 'test', method='resnet5O'), tmp_path/'bad')
+    assert not (tmp_path/'bad').exists()
+
+
+@pytest.mark.slow
+def test_kfold_ssfer_one_number_per_fold(tmp_path):
+    m = kfold_experiment(analysis_config(KFoldConfig, 'test', label_ratio=0.25, box_root=str(tmp_path/'boxes')), tmp_path/'run')
+    assert len(m['fold_acc']) == 5 and m['method'] == 'SSFER-25%'
+    assert m['fold_acc'] == [read_metrics(tmp_path/'run'/f'fold{f}'/'semi')['metrics']['test/acc'] for f in range(1, 6)]
+    for f, r in enumerate(m['folds'], 1):  # stage 2 trained on the labeled part only; stage 3 also saw the rest
+        s2, s3 = (read_metrics(tmp_path/'run'/f'fold{f}'/s)['metrics'] for s in ('finetune', 'semi'))
+        assert s2['n_labeled'] == s3['n_labeled'] == r['n_labeled'] < r['n_train'] / 2
+        assert s3['n_labeled'] + s3['n_unlabeled'] == r['n_train'] and s3['n_test'] == r['n_eval']
+
+
+def test_kfold_resumes_finished_folds(tmp_path):
+    cfg = analysis_config(KFoldConfig, 'test', method='test_resnet', folds=(1, 3), box_root=str(tmp_path/'boxes'))
+    first = kfold_experiment(cfg, tmp_path/'a')
+    (tmp_path/'a'/'metrics.json').unlink()  # as if interrupted after both folds finished
+    mtime = (tmp_path/'a'/'fold1'/'metrics.json').stat().st_mtime_ns
+    again = kfold_experiment(cfg, tmp_path/'a')
+    assert again['fold_acc'] == first['fold_acc'] and (tmp_path/'a'/'fold1'/'metrics.json').stat().st_mtime_ns == mtime
+
+
+def test_kfold_adience_folds(tmp_path, monkeypatch):
+    from test_data import fake_adience
+    (tmp_path/'adience').mkdir(); root = fake_adience(tmp_path/'adience')
+    monkeypatch.chdir(tmp_path)  # the image cache goes to ./outputs/cache
+    m = kfold_experiment(analysis_config(KFoldConfig, 'test', data='adience', data_root=str(root), task='age', method='test_resnet'),
+                         tmp_path/'age')
+    assert len(m['fold_acc']) == 5 and m['task'] == 'age' and len(m['classes']) == 8
+    assert [r['n_eval'] for r in m['folds']] == [8] * 5 and [r['n_train'] for r in m['folds']] == [32] * 5  # Adience's own folds
+    g = kfold_experiment(analysis_config(KFoldConfig, 'test', data='adience', data_root=str(root), task='gender', folds=(4,),
+                                         label_ratio=0.5), tmp_path/'gender')
+    assert g['classes'] == ['female', 'male'] and g['folds'][0]['n_eval'] == 9 and g['folds'][0]['n_labeled'] == 18
+    with pytest.raises(ValueError, match='5 folds'):
+        kfold_experiment(analysis_config(KFoldConfig, 'test', data='adience', data_root=str(root), k=4, method='test_resnet'), tmp_path/'k4')
+
+
+def test_label_noise_summary_on_fake_metrics():
+    runs = {0.2: {'test/acc': 0.70}, 0.0: {'test/acc': 0.80}, 0.3: {'test/acc': 0.65}, 0.1: {'test/acc': 0.78}}
+    s = label_noise_summary(runs)
+    assert s['rates'] == [0.0, 0.1, 0.2, 0.3]
+    assert s['drop'] == pytest.approx({0.0: 0, 0.1: 0.02, 0.2: 0.10, 0.3: 0.15}) and s['decline'] == pytest.approx(0.15)
+    assert label_noise_summary({0: {'best_test/test/acc': 0.9}, 0.1: {'best_test/test/acc': 0.5}}, 'best_test/test/acc')['decline'] == pytest.approx(0.4)
+    with pytest.raises(KeyError, match='noise-free'): label_noise_summary({0.1: {'test/acc': 0.5}})
+
+
+@pytest.mark.slow
+def test_label_noise_experiment_trains_on_flipped_labels(tmp_path):
+    m = label_noise_experiment(analysis_config(NoiseConfig, 'test', noise=0.3, label_ratio=0.5, box_root=str(tmp_path/'b')), tmp_path/'r')
+    assert m['noise'] == 0.3 and 0 < m['n_wrong_labels'] < m['n_labeled']
+    stage2 = read_metrics(tmp_path/'r'/'ssfer'/'finetune')['metrics']
+    assert stage2['n_labeled'] == m['n_labeled'] and m['test/acc'] == read_metrics(tmp_path/'r'/'ssfer'/'semi')['metrics']['test/acc']
+
+
+@pytest.mark.slow
+def test_gwo_search_never_reads_the_test_set(tmp_path):
+    m = gwo_finetune_lrs(analysis_config(GWOConfig, 'test', label_ratio=0.5, budget=4, n_wolves=2, box_root=str(tmp_path/'b')),
+                         tmp_path/'g')
+    state = json.loads((tmp_path/'g'/'gwo_state.json').read_text())
+    runs = sorted((tmp_path/'g'/'search').iterdir())
+    assert len(runs) == m['n_evals'] == 4
+    by_lrs = {}
+    for r in runs:
+        mm = read_metrics(r)['metrics']
+        assert mm['selection'] == 'val_selected' and mm['n_val'] > 0
+        cfg = read_metrics(r)['provenance']['config']
+        by_lrs[(cfg['lr'], cfg['min_lr'], cfg['warmup_lr'])] = mm['val_selected/val/acc']
+    # every objective value is the validation accuracy of its run (not a test number)
+    for e in state['evaluations']:
+        assert e['value'] == by_lrs[(e['params']['lr'], e['params']['min_lr'], e['params']['warmup_lr'])]
+    final = read_metrics(tmp_path/'g'/'final')
+    assert {k: final['provenance']['config'][k] for k in ('lr', 'min_lr', 'warmup_lr')} == m['best_lrs']
+    assert m['gwo/test/acc'] == final['metrics']['test/acc'] and 'preset/test/acc' in m
+
+
+@pytest.mark.slow
+def test_robustness_experiment_eps0_is_clean(tmp_path):
+    m = robustness_experiment(analysis_config(RobustnessConfig, 'test', box_root=str(tmp_path/'b')), tmp_path/'r')
+    assert m['acc']['focused']['0'] == m['acc']['unfocused']['0'] == m['clean_acc']
+    assert (tmp_path/'r'/'attack.png').exists() and (tmp_path/'r'/'accuracy_vs_eps.png').exists()
+    # the same model attacked again from its checkpoint gives the same numbers
+    ck = tmp_path/'r'/'model'/'best.pt'
+    again = robustness_experiment(analysis_config(RobustnessConfig, 'test', checkpoint=str(ck), box_root=str(tmp_path/'b')), tmp_path/'r2')
+    assert again['acc'] == m['acc'] and again['network'] == 'model'
