@@ -35,7 +35,7 @@ __all__ = ['ANALYSIS_PRESETS', 'LR_FIELDS', 'AnalysisConfig', 'KFoldConfig', 'No
            'baseline_model', 'fold_summary', 'kfold_experiment', 'label_noise_experiment', 'label_noise_summary',
            'attacked_model', 'robustness_experiment', 'gwo_finetune_lrs']
 
-# %% ../nbs/44_analysis.ipynb #f30fe5c1
+# %% ../nbs/44_analysis.ipynb #a2ff95a3
 @dataclasses.dataclass
 class AnalysisConfig:
     "What every analysis experiment takes: the stages' preset and what it changes of them (None: the preset's value)."
@@ -61,6 +61,7 @@ class KFoldConfig(AnalysisConfig):
     baseline_init: str = 'scratch'  # baselines: 'scratch', 'timm' (timm's weights if cached, else scratch), an MAE encoder (ViTs)
     task: str = 'age'  # Adience: 'age' (8 groups) or 'gender'
     semi: bool = True  # SSFER: run stage 3 after stage 2
+    keep_checkpoints: bool = False  # keep a finished fold's last.pt/best.pt (a VGG13 fold's are ~2 GB)
 
 @dataclasses.dataclass
 class NoiseConfig(AnalysisConfig):
@@ -78,6 +79,7 @@ class GWOConfig(AnalysisConfig):
     lr_decades: float = 1.0  # search each rate within this many decades of the preset's value (our choice)
     val_ratio: float = 0.1  # per class, held out of the labeled images for the objective
     baseline: bool = True  # also run the preset's rates (Table 16's first row)
+    keep_checkpoints: bool = False  # keep the search runs' last.pt/best.pt (the final and baseline runs keep theirs)
 
 @dataclasses.dataclass
 class RobustnessConfig(AnalysisConfig):
@@ -165,10 +167,14 @@ def labeled_part(labels: np.ndarray,  # classes of the candidate images
     "Boolean mask of a stratified `ratio` split (all True for ratio 1)."
     return draw_split(labels, 'ratio', ratio, seed, num_classes).labeled.values == 1
 
-# %% ../nbs/44_analysis.ipynb #acfdaa30
+# %% ../nbs/44_analysis.ipynb #419b384d
 def _once(out: Path, run: Callable[[Path], dict]) -> dict:
     "A stage run's metrics: read back when it finished before, else run (resuming its checkpoints)."
     return read_metrics(out)['metrics'] if (Path(out)/'metrics.json').exists() else run(Path(out))
+
+def _drop_checkpoints(folder: Path) -> None:
+    "Delete the `.pt` files under a finished folder: its metrics.json files are what a resumed experiment reads."
+    for p in Path(folder).rglob('*.pt'): p.unlink()
 
 def ssfer_run(ft: FinetuneConfig, semi: SemiConfig,  # the stages' configs
               p: dict,  # from `training_pool`
@@ -218,7 +224,7 @@ def fold_summary(values: list[float],  # one number per fold
     v = np.asarray(values, float)
     return dict(per_fold=v.tolist(), mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
 
-# %% ../nbs/44_analysis.ipynb #aade4a5b
+# %% ../nbs/44_analysis.ipynb #7774a398
 def _fold_figure(rows: list[dict], title: str, path: Path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(rows), 2.8))
@@ -252,6 +258,7 @@ def kfold_experiment(cfg: KFoldConfig,  # the method, labels, folds
         else:
             lab = labeled_part(pool.labels[tr], cfg.label_ratio, cfg.split_seed + f, K)
             m = ssfer_run(ft, semi, p, tr[lab], tr[~lab], test, fo, cfg.semi, progress)
+        if not cfg.keep_checkpoints: _drop_checkpoints(fo)
         rows.append(dict(fold=f, acc=m['test/acc'], macro_f1=m['test/macro_f1'], n_labeled=m['n_labeled'], n_train=len(tr),
                          n_eval=len(va), selection=m['selection'], reported_model=m.get('reported_model')))
     s = fold_summary([r['acc'] for r in rows])
@@ -338,7 +345,7 @@ def robustness_experiment(cfg: RobustnessConfig,  # the model and the attack
     write_metrics(out, metrics, prov)
     return metrics
 
-# %% ../nbs/44_analysis.ipynb #5c63bb43
+# %% ../nbs/44_analysis.ipynb #4f22be4b
 LR_FIELDS = ('lr', 'min_lr', 'warmup_lr')  # SSFER §4.9: max_learning_rate, min_learning_rate, initial_learning_rate
 
 def gwo_finetune_lrs(cfg: GWOConfig,  # search settings
@@ -353,7 +360,9 @@ def gwo_finetune_lrs(cfg: GWOConfig,  # search settings
     def objective(lrs: dict) -> float:
         name = '-'.join(f'{k}{v:.4e}' for k, v in lrs.items())
         s = update_config(ft, lrs | dict(select='val', val_ratio=cfg.val_ratio))
-        return _once(out/'search'/name, lambda o: finetune(s, o, progress))['val_selected/val/acc']
+        m = _once(out/'search'/name, lambda o: finetune(s, o, progress))
+        if not cfg.keep_checkpoints: _drop_checkpoints(out/'search'/name)
+        return m['val_selected/val/acc']
     r = gwo_minimize(objective, bounds, cfg.budget, cfg.n_wolves, cfg.seed, log_scale=LR_FIELDS, maximize=True,
                      state_path=out/'gwo_state.json')
     final = _once(out/'final', lambda o: finetune(update_config(ft, r['best']), o, progress))

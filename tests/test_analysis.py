@@ -144,6 +144,7 @@ def test_fgsm_eps0_keeps_accuracy():
 # ---------------------------------------------------------------- k-fold, Adience, label noise, GWO of stage 2 (Tables 5, 8, 9, 16)
 from ssfer_lib.analysis import (GWOConfig, KFoldConfig, NoiseConfig, RobustnessConfig, analysis_config, gwo_finetune_lrs,
                                 kfold_experiment, label_noise_experiment, label_noise_summary, robustness_experiment)
+from ssfer_lib.config import update_config
 from ssfer_lib.core import read_metrics
 
 
@@ -175,10 +176,13 @@ def test_kfold_ssfer_one_number_per_fold(tmp_path):
 def test_kfold_resumes_finished_folds(tmp_path):
     cfg = analysis_config(KFoldConfig, 'test', method='test_resnet', folds=(1, 3), box_root=str(tmp_path/'boxes'))
     first = kfold_experiment(cfg, tmp_path/'a')
+    assert list((tmp_path/'a').rglob('*.pt')) == []  # finished folds drop their checkpoints by default
     (tmp_path/'a'/'metrics.json').unlink()  # as if interrupted after both folds finished
     mtime = (tmp_path/'a'/'fold1'/'metrics.json').stat().st_mtime_ns
     again = kfold_experiment(cfg, tmp_path/'a')
     assert again['fold_acc'] == first['fold_acc'] and (tmp_path/'a'/'fold1'/'metrics.json').stat().st_mtime_ns == mtime
+    kept = kfold_experiment(update_config(cfg, dict(folds=(2,), keep_checkpoints=True)), tmp_path/'b')
+    assert (tmp_path/'b'/'fold2'/'last.pt').exists() and len(kept['fold_acc']) == 1
 
 
 def test_kfold_adience_folds(tmp_path, monkeypatch):
