@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable
 import numpy as np
 import timm
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from .core import get_device, load_weights, read_metrics, start_run, write_metrics
