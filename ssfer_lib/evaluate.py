@@ -4,13 +4,14 @@
 
 # %% ../nbs/21_evaluate.ipynb #89b8e7b3
 from __future__ import annotations
+import math
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
 # %% auto #0
-__all__ = ['macro_f1', 'classification_metrics', 'predict', 'evaluate', 'plot_confusion']
+__all__ = ['macro_f1', 'classification_metrics', 'predict', 'evaluate', 'plot_confusion', 'tsne_figure']
 
 # %% ../nbs/21_evaluate.ipynb #17835722
 def macro_f1(y_true,  # true classes [N]
@@ -82,14 +83,40 @@ def plot_confusion(cm,  # confusion matrix (rows: true class)
                    class_names: list[str],  # tick labels
                    normalize: bool = True,  # show row-normalized rates
                    title: str = '',
+                   per_class: bool = True,  # add each class's accuracy (recall) to its row label, as SSFER Fig. 7
                   ):
-    "A seaborn heatmap of a confusion matrix; returns the matplotlib figure."
+    "A seaborn heatmap of a confusion matrix, rows labelled with their class's accuracy; returns the matplotlib figure."
     import matplotlib.pyplot as plt, seaborn as sns
     cm = np.asarray(cm, dtype=float)
-    if normalize: cm = cm / np.clip(cm.sum(1, keepdims=True), 1, None)
-    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(class_names), 0.8 + 0.6 * len(class_names)))
+    support = cm.sum(1)
+    acc = np.divide(np.diag(cm), support, out=np.full(len(cm), np.nan), where=support > 0)  # a class without test images: nan
+    rows = [f'{n} ({"—" if np.isnan(a) else f"{100 * a:.1f}%"})' for n, a in zip(class_names, acc)] if per_class else class_names
+    if normalize: cm = cm / np.clip(support[:, None], 1, None)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * len(class_names), 0.8 + 0.6 * len(class_names)))
     sns.heatmap(cm, annot=True, fmt='.2f' if normalize else 'g', cmap='Blues', xticklabels=class_names,
-                yticklabels=class_names, cbar=False, ax=ax)
-    ax.set_xlabel('predicted'); ax.set_ylabel('true'); ax.set_title(title)
+                yticklabels=rows, cbar=False, ax=ax)
+    ax.set_xlabel('predicted'); ax.set_ylabel('true (class accuracy)' if per_class else 'true'); ax.set_title(title)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/21_evaluate.ipynb #05de3236
+def tsne_figure(embeddings: dict,  # method name → (features [N, D], labels [N])
+                class_names: list[str] | None = None,  # legend labels
+                seed: int = 0,  # t-SNE random state
+                perplexity: float = 30.0,
+               ):
+    "One t-SNE panel per method (Fig. 7), titled with the silhouette score of its features; returns (fig, scores)."
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+    fig, axes = plt.subplots(1, len(embeddings), figsize=(3.3 * len(embeddings), 3.5), squeeze=False)
+    scores = {}
+    for ax, (name, (X, y)) in zip(axes[0], embeddings.items()):
+        X, y = np.asarray(X, np.float32), np.asarray(y)
+        scores[name] = float(silhouette_score(X, y, metric='cosine')) if len(np.unique(y)) > 1 else math.nan
+        E = TSNE(2, perplexity=min(perplexity, (len(X) - 1) / 3), init='pca', random_state=seed).fit_transform(X)
+        for c in np.unique(y): ax.scatter(*E[y == c].T, s=5, label=class_names[c] if class_names else str(c))
+        ax.set_title(f'{name}\nsilhouette {scores[name]:.3f}', fontsize=9); ax.set_xticks([]); ax.set_yticks([])
+    axes[0, -1].legend(markerscale=3, fontsize=7, loc='center left', bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return fig, scores

@@ -202,21 +202,23 @@ def finetune_run_config(preset: str = 'paper',  # a name in FINETUNE_PRESETS
     check_vit(cfg)
     return cfg
 
-# %% ../nbs/41_finetune.ipynb #07953f62
+# %% ../nbs/41_finetune.ipynb #e44a4619
 def finetune(cfg: FinetuneConfig,  # the run's settings
              out_dir: str | Path,  # run folder: checkpoints, history, figure, metrics.json
              progress: bool = True,  # tqdm bars
+             data: dict | None = None,  # datasets as `finetune_data` returns them (e.g. one fold of a k-fold); None: from cfg
+             model: torch.nn.Module | None = None,  # the classifier to train (e.g. a timm CNN baseline); None: `finetune_model(cfg, K)`
             ) -> dict:
     "Fine-tune a ViT with `cfg.mix`, evaluating every epoch on the test (and validation) set; writes and returns the metrics."
     rule = selection_rule(cfg.select)  # a bad `select` fails before the run folder exists
     rank, world = init_distributed()  # under torchrun: DDP, each process a shard of the labeled set
     t0, (out, prov, g) = time.time(), start_run(cfg, out_dir, rank)
     device = get_device(cfg.device)
-    d = finetune_data(cfg); K = len(d['classes'])
+    d = data if data is not None else finetune_data(cfg); K = len(d['classes'])
     epochs = finetune_epochs(cfg, len(d['labeled']))
     if rule == 'val_selected': d = holdout_val(d, cfg.val_ratio, cfg.split_seed, test_view(cfg.img_size, cfg.norm))
     n_lab = len(d['labeled'])
-    model = finetune_model(cfg, K)
+    model = model if model is not None else finetune_model(cfg, K)
     task = finetune_task(cfg, model, K)
     train = TwoViews(d['labeled'], d['labeled']) if task.two_views else d['labeled']  # two draws of the random views
     loader = train_loader(train, cfg.batch_size, g, cfg.seed, drop_last=n_lab >= cfg.batch_size * world, num_workers=cfg.num_workers)

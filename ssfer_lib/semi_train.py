@@ -267,6 +267,7 @@ def check_ranks_agree(module: torch.nn.Module) -> None:
 def semi_train(cfg: SemiConfig,  # the run's settings
                out_dir: str | Path,  # run folder: checkpoints, history, figures, metrics.json
                progress: bool = True,  # tqdm bars
+               data: dict | None = None,  # datasets as `semi_data` returns them (e.g. one fold of a k-fold); None: from cfg
               ) -> dict:
     "Train `cfg.algorithm` from the stage-2 student; evaluate every network each epoch; write and return the metrics."
     rule = selection_rule(cfg.select)  # a bad `select` fails before the run folder exists
@@ -274,7 +275,7 @@ def semi_train(cfg: SemiConfig,  # the run's settings
     t0, (out, prov, _) = time.time(), start_run(cfg, out_dir, rank)
     device = get_device(cfg.device)
     cls = SSL_ALGORITHMS[cfg.algorithm]
-    d = semi_data(cfg); K = len(d['classes'])
+    d = data if data is not None else semi_data(cfg); K = len(d['classes'])
     L = semi_loaders(d, cfg, use_unlabeled=getattr(cls, 'uses_unlabeled', True))
     model = semi_model(cfg, K).to(device)
     steps = max(1, (cfg.steps_per_epoch or len(L['train'])) // cfg.accum_steps)  # optimizer steps per epoch

@@ -212,7 +212,7 @@ def mean_sd(values: list[float | None]) -> str:
 def _mscl_tsne(cfg, res, path):
     import numpy as np, matplotlib.pyplot as plt
     from ssfer_lib.core import atomic_write
-    from ssfer_lib.mimic import tsne_figure
+    from ssfer_lib.evaluate import tsne_figure
     emb = {}
     for m, label in (('ce', 'CE'), ('scl', 'CE + SCL'), ('mscl', 'CE + MSCL')):
         f = np.load(runs_dir(cfg)/mscl_run(cfg, m).name/'test_features.npz')

@@ -72,10 +72,10 @@ def stage(name, world, rank):
         opt = sgd(task)
         ld = loader(Fixed(cfg.img_size), world, rank, bs)
     elif name == 'finetune':
-        from ssfer_lib.facemix import build_mix_task
+        from ssfer_lib.facemix import none_task
         from ssfer_lib.finetune import finetune_config, finetune_model
         cfg = finetune_config('test', mix='none')
-        model = no_drop_path(finetune_model(cfg, K)); task = build_mix_task('none', model, K, label_smoothing=cfg.label_smoothing)
+        model = no_drop_path(finetune_model(cfg, K)); task = none_task(model, K, label_smoothing=cfg.label_smoothing)
         opt = sgd(task)
         ld = loader(Fixed(cfg.img_size), world, rank, bs)
     elif name == 'mimic':

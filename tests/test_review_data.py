@@ -68,7 +68,7 @@ def fake_rafdb(root: Path, boxes: np.ndarray) -> Path:
 @pytest.fixture(params=['affectnet7', 'rafdb'])
 def cached_real(request, tmp_path, monkeypatch):
     "finetune_data on a fake real dataset of 1000 × 800 images cached at 224 px, every output under tmp_path."
-    monkeypatch.chdir(tmp_path)  # build_datasets caches decoded images under ./outputs/cache
+    monkeypatch.chdir(tmp_path)  # stage_datasets caches decoded images under ./outputs/cache
     boxes = known_boxes()
     root = (fake_affectnet if request.param == 'affectnet7' else fake_rafdb)(tmp_path/request.param, boxes)
     cfg = finetune_config('test', data=request.param, data_root=str(root), img_size=CACHE, split_kind='ratio', split_value=0.5,
