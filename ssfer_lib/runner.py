@@ -72,7 +72,7 @@ def check_run_root(root: str | Path,  # the folder run directories go to
         break
     return p
 
-# %% ../nbs/50_runner.ipynb #e3c4ff5b
+# %% ../nbs/50_runner.ipynb #37ed8ea7
 @functools.cache
 def experiment_configs() -> Registry:
     "The builder of each experiment notebook's config, by notebook name (stage modules imported on the first call)."
@@ -80,11 +80,16 @@ def experiment_configs() -> Registry:
     from ssfer_lib.finetune import finetune_run_config
     from ssfer_lib.semi_train import semi_run_config
     from ssfer_lib.mimic import mscl_run_config
+    from ssfer_lib.analysis import (complexity_run_config, gwo_run_config, kfold_run_config, label_noise_run_config,
+                                    robustness_run_config)
     configs = Registry('experiment notebook')
     configs.register('pretrain_mae')(pretrain_run_config)
     configs.register('finetune')(finetune_run_config)
     configs.register('semi')(semi_run_config)
     configs.register('mscl')(mscl_run_config)
+    for name, fn in (('kfold', kfold_run_config), ('label_noise', label_noise_run_config), ('gwo', gwo_run_config),
+                     ('robustness', robustness_run_config), ('complexity', complexity_run_config)):
+        configs.register(name)(fn)  # the analysis experiments (44_analysis)
     return configs
 
 # %% ../nbs/50_runner.ipynb #2a431228
