@@ -83,6 +83,6 @@ def test_ssfer_run_writes_run_dir_and_refuses_to_overwrite(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     _toy_notebook(tmp_path/'toy.ipynb')
     r = ssfer('run', str(tmp_path/'toy.ipynb'), '-p', 'epoch', '3', '--root', str(tmp_path/'runs'))
-    assert r.returncode == 2 and r.stderr.strip() == "ssfer: error: unknown parameter 'epoch' for toy.ipynb; its parameters: epochs, out_dir"
+    assert r.returncode == 2 and r.stderr.strip() == "ssfer: error: unknown parameter 'epoch' for toy.ipynb (did you mean 'epochs'?); its parameters: epochs, out_dir"
     r = ssfer('reproduce', '--preset', 'nope')
     assert r.returncode == 2 and 'invalid choice' in r.stderr
