@@ -102,7 +102,7 @@ def is_main_process() -> bool:
     import torch.distributed as dist
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
-# %% ../nbs/00_core.ipynb #eab0b65a
+# %% ../nbs/00_core.ipynb #c8c79368
 def atomic_write(path: str | Path,  # destination file
                  write: Callable[[io.BufferedWriter], Any],  # writes the content into the open temp file
                 ) -> Path:
@@ -115,8 +115,10 @@ def atomic_write(path: str | Path,  # destination file
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp): os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # e.g. a full disk (ENOSPC) inside write(): name the file
-            raise OSError(e.errno, f'{e.strerror or e} while writing {path} (the previous file, if any, is unchanged)') from e
+        os_err = e  # torch's zip writer turns a failed write into a RuntimeError: the OSError is its context
+        while os_err is not None and not isinstance(os_err, OSError): os_err = os_err.__cause__ or os_err.__context__
+        if os_err is not None and os_err.filename is None:  # e.g. a full disk (ENOSPC) inside write(): name the file
+            raise OSError(os_err.errno, f'{os_err.strerror or os_err} while writing {path} (the previous file, if any, is unchanged)') from e
         raise
     return path
 
