@@ -12,7 +12,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/90_cli.ipynb #ea14afe0
+# %% ../nbs/90_cli.ipynb #f17c830e
 def _version(a):
     from ssfer_lib import __version__
     import torch, timm
@@ -27,13 +27,19 @@ def _run(a):
     m = run_notebook(a.notebook, _params(a.param), name=a.name, root=a.root, force=a.force, log_output=a.verbose)
     print(json.dumps(m['metrics'], indent=2, default=str))
 
+def _pairs(items: list[str] | None, option: str) -> dict:
+    "NAME=VALUE strings → dict; anything else is one line naming the option."
+    out = {}
+    for it in items or []:
+        if '=' not in it: raise ValueError(f'{option} {it!r}: write NAME=FOLDER (e.g. {option} rafdb=/data/RAF-DB)')
+        k, v = it.split('=', 1); out[k.strip()] = v
+    return out
+
 def _reproduce(a):
-    from ssfer_lib.tables import reproduce
-    over = _params(a.set)
-    if a.data_root: over['data_root'] = a.data_root
-    md = reproduce(a.preset, tables=a.tables, root=a.root, force=a.force, overrides=over)
-    print('\n'.join(md.values()))
-    print(f'tables written to {Path(a.root)/"tables"/(a.preset + ".md")}')
+    from ssfer_lib.render import reproduce
+    ds = [d for x in a.datasets or [] for d in x.split(',') if d]
+    return reproduce(a.preset, a.root, ds or None, _pairs(a.data_root, '--data-root'), [tuple(x) for x in a.set or []],
+                     _params(a.param), a.tables, a.jobs, a.launcher, a.cluster, a.force, a.dry_run)
 
 # %% ../nbs/90_cli.ipynb #14fbb9c8
 def _data(a):
@@ -76,7 +82,7 @@ def _bench(a):
         r = BENCHMARKS[name](out=str(Path(a.out)/f'{name}.json'))
         print(f'{name}: ' + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))}, default=str))
 
-# %% ../nbs/90_cli.ipynb #70028c01
+# %% ../nbs/90_cli.ipynb #b3fd9bb5
 def _add_run(p):
     p.add_argument('notebook', help='experiment notebook: a path or a name in nbs/experiments (e.g. finetune)')
     p.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='override a parameter (repeatable)')
@@ -87,13 +93,19 @@ def _add_run(p):
     p.set_defaults(fn=_run)
 
 def _add_reproduce(p):
-    from ssfer_lib.reproduce import PRESETS
-    p.add_argument('--preset', default='demo', choices=sorted(PRESETS), help='scale and data of all runs')
-    p.add_argument('--tables', nargs='+', help='only these tables (default: all)')
-    p.add_argument('--root', default='outputs', help='runs go to ROOT/runs, tables to ROOT/tables')
-    p.add_argument('--data-root', help='dataset root for real-data presets')
-    p.add_argument('--set', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='change a preset value (repeatable)')
-    p.add_argument('--force', action='store_true', help='re-run every run from scratch (old results kept as *.previous.*)')
+    from ssfer_lib.reproduce import preset_names
+    p.add_argument('--preset', default='demo', help=f'a file in presets/ ({", ".join(preset_names())}) or a YAML path')
+    p.add_argument('--datasets', action='append', metavar='A,B', help='the datasets the tables span (default: the preset\'s)')
+    p.add_argument('--data-root', action='append', metavar='NAME=FOLDER', help='a dataset\'s folder (repeatable); mae=FOLDER: one MAE pool')
+    p.add_argument('--set', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='change a preset value, e.g. --set seeds.mscl "[0, 1]"')
+    p.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='a parameter of every cell that has it, e.g. -p max_steps 2')
+    p.add_argument('--tables', nargs='+', help='only these tables (table_13, ssfer-t13, mimic_02, demo, …)')
+    p.add_argument('--root', default='outputs', help='runs in ROOT/runs, tables in ROOT/tables/PRESET, the report in ROOT/PRESET')
+    p.add_argument('--jobs', type=int, default=1, help='cells at a time (threads per cell = cores // JOBS)')
+    p.add_argument('--launcher', default='local', choices=['local', 'slurm'], help='child processes, or one Slurm job per cell (submitit)')
+    p.add_argument('--cluster', choices=['slurm', 'local', 'debug'], help="submitit's executor for --launcher slurm (default: slurm)")
+    p.add_argument('--force', action='store_true', help='run stale cells again (their old results kept as *.previous.*)')
+    p.add_argument('--dry-run', action='store_true', help='print the plan: cells, their state, the estimated cost')
     p.set_defaults(fn=_reproduce)
 
 def _add_data(p):
@@ -141,7 +153,7 @@ def _add_bench(p):
 
 def _add_version(p): p.set_defaults(fn=_version)
 
-# %% ../nbs/90_cli.ipynb #8b9d8a51
+# %% ../nbs/90_cli.ipynb #f6238516
 def build_parser() -> argparse.ArgumentParser:
     "The `ssfer` argument parser with every subcommand."
     ap = argparse.ArgumentParser(prog='ssfer', description='Semi-supervised facial expression recognition: SSFER, MSCL, DTM.')
@@ -160,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `ssfer` console script."
     ap = build_parser()
     a = ap.parse_args(argv)
-    try: a.fn(a)
+    try: rc = a.fn(a)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f'ssfer: error: {msg}', file=sys.stderr); return 2
-    return 0
+    return rc or 0  # `reproduce` returns 1 when a cell failed
