@@ -12,7 +12,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/90_cli.ipynb #f17c830e
+# %% ../nbs/90_cli.ipynb #7d382b00
 def _version(a):
     from ssfer_lib import __version__
     import torch, timm
@@ -39,7 +39,7 @@ def _reproduce(a):
     from ssfer_lib.render import reproduce
     ds = [d for x in a.datasets or [] for d in x.split(',') if d]
     return reproduce(a.preset, a.root, ds or None, _pairs(a.data_root, '--data-root'), [tuple(x) for x in a.set or []],
-                     _params(a.param), a.tables, a.jobs, a.launcher, a.cluster, a.force, a.dry_run)
+                     _params(a.param), a.tables, a.cells, a.jobs, a.launcher, a.cluster, a.force, a.dry_run)
 
 # %% ../nbs/90_cli.ipynb #14fbb9c8
 def _data(a):
@@ -82,7 +82,7 @@ def _bench(a):
         r = BENCHMARKS[name](out=str(Path(a.out)/f'{name}.json'))
         print(f'{name}: ' + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))}, default=str))
 
-# %% ../nbs/90_cli.ipynb #b3fd9bb5
+# %% ../nbs/90_cli.ipynb #c2a2ba10
 def _add_run(p):
     p.add_argument('notebook', help='experiment notebook: a path or a name in nbs/experiments (e.g. finetune)')
     p.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='override a parameter (repeatable)')
@@ -100,6 +100,7 @@ def _add_reproduce(p):
     p.add_argument('--set', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='change a preset value, e.g. --set seeds.mscl "[0, 1]"')
     p.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='a parameter of every cell that has it, e.g. -p max_steps 2')
     p.add_argument('--tables', nargs='+', help='only these tables (table_13, ssfer-t13, mimic_02, demo, …)')
+    p.add_argument('--cells', nargs='+', metavar='PATTERN', help="run only the cells matching these shell patterns and their upstream cells, e.g. '*facemix-iou-L4*'")
     p.add_argument('--root', default='outputs', help='runs in ROOT/runs, tables in ROOT/tables/PRESET, the report in ROOT/PRESET')
     p.add_argument('--jobs', type=int, default=1, help='cells at a time (threads per cell = cores // JOBS)')
     p.add_argument('--launcher', default='local', choices=['local', 'slurm'], help='child processes, or one Slurm job per cell (submitit)')

@@ -80,6 +80,7 @@ class FinetuneConfig:
     amp: bool = True  # mixed precision on CUDA
     num_workers: int = 0
     device: str = 'auto'
+    max_steps: int | None = None  # stop after this many optimizer steps (a smoke test of the full code path; None: the whole schedule)
     seed: int = 0
 
 FINETUNE_PRESETS = {
@@ -226,7 +227,7 @@ def finetune(cfg: FinetuneConfig,  # the run's settings
                 pre = f'{split}/' if name == 'model' else f'{split}/{name}/'
                 log |= {pre + k: v for k, v in evaluate(m, ld, K, device).items() if not isinstance(v, list)}
         return log
-    history = fit(task, loader, optimizer=opt, epochs=epochs, scheduler=sched, device=device, amp=cfg.amp,
+    history = fit(task, loader, optimizer=opt, epochs=epochs, max_steps=cfg.max_steps, scheduler=sched, device=device, amp=cfg.amp,
                   accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn,
                   select={'best_test': 'test/acc', 'val_selected': 'val/acc', 'last': None}[rule], ckpt_dir=out,
                   progress=progress, extra=dict(config=dataclasses.asdict(cfg)))

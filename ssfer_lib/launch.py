@@ -19,7 +19,8 @@ from .runner import FAILED, LOCK, find_notebook, record_failure, run_notebook
 from .reproduce import Plan, _hms, canonical_params, estimate_seconds
 
 # %% auto #0
-__all__ = ['run_cell', 'main', 'cell_command', 'LocalLauncher', 'slurm_cell', 'SlurmLauncher', 'run_grid', 'grid_summary']
+__all__ = ['run_cell', 'main', 'cell_command', 'LocalLauncher', 'slurm_cell', 'SlurmLauncher', 'run_grid', 'select_cells',
+           'grid_summary']
 
 # %% ../nbs/53_launch.ipynb #21c52a56
 def _heartbeat(lock: Path, stop: threading.Event, every: float = 30):
@@ -143,7 +144,7 @@ class SlurmLauncher:
         except Exception as e: return dict(ok=False, error=f'slurm job {job.job_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}')
     def stop(self, job): job.cancel(check=False)
 
-# %% ../nbs/53_launch.ipynb #c6c62570
+# %% ../nbs/53_launch.ipynb #f91d1e20
 def _headline(folder: Path) -> str:
     "A finished cell's number: its headline metric and rule, or the MAE's held-out loss."
     from ssfer_lib.finetune import RULE_NAMES
@@ -165,6 +166,7 @@ def run_grid(plan: Plan,  # from `plan_grid`
              cwd: str | Path | None = None,  # the notebooks' working directory (default: the current one)
              progress: bool = True,  # the progress bar and one line per finished cell (on stderr)
              poll: float = 0.5,  # seconds between checks
+             only: set | None = None,  # run only these cells (with `select_cells`: some cells and their upstream ones)
             ) -> dict:
     "Run the missing cells; returns dict(done, failed, skipped, stale, elsewhere, interrupted) (cell ids; failed/skipped with why)."
     from tqdm import tqdm
@@ -174,7 +176,8 @@ def run_grid(plan: Plan,  # from `plan_grid`
     done = {c for c, (s, _) in status.items() if s == 'done'}
     stale = [c for c, (s, _) in status.items() if s == 'stale' and not force]
     elsewhere = [c for c, (s, _) in status.items() if s == 'running']
-    pending = [c for c, (s, _) in status.items() if s in ('missing', 'partial', 'failed') or (s == 'stale' and force)]
+    pending = [c for c, (s, _) in status.items() if (s in ('missing', 'partial', 'failed') or (s == 'stale' and force))
+               and (only is None or c in only)]
     unusable, failed, skipped, active = set(stale) | set(elsewhere), {}, {}, {}
     est, measured = estimate_seconds(plan, status), {}
     bar = tqdm(total=len(pending), unit='cell', disable=not progress, file=sys.stderr, dynamic_ncols=True,
@@ -183,7 +186,10 @@ def run_grid(plan: Plan,  # from `plan_grid`
         guess = lambda c: statistics.median(measured[grid.cells[c].kind]) if grid.cells[c].kind in measured else (est.get(c) or 0)
         left = sum(guess(c) for c in pending) + sum(max(0, guess(c) - (time.time() - t)) for c, (_, t) in active.items())
         return _hms(left / max(1, min(jobs, len(pending) + len(active))))
+    shown = [0.0]
     def show():
+        if time.time() - shown[0] < 1: return  # one refresh a second: a log file gets few lines
+        shown[0] = time.time()
         cur = max(active, key=lambda c: active[c][1], default=None)
         bar.set_postfix_str(f'{len(done & set(grid.cells)) } done, {len(failed)} failed, {len(active)} running'
                             + (f' · {cur}{_epoch(grid.path(cur))}' if cur else '') + f' · ~{eta()} left', refresh=True)
@@ -225,7 +231,19 @@ def run_grid(plan: Plan,  # from `plan_grid`
     return dict(done=sorted(done & set(grid.cells)), failed=failed, skipped=skipped, stale=stale, elsewhere=elsewhere,
                 interrupted=interrupted, not_started=pending if interrupted else [])
 
-# %% ../nbs/53_launch.ipynb #b2f6e826
+# %% ../nbs/53_launch.ipynb #16cfce47
+def select_cells(plan: Plan, patterns: list[str]) -> set:
+    "The cells whose id matches a pattern, and their upstream cells; none matching is one line."
+    from fnmatch import fnmatch
+    hit = [c for c in plan.grid.cells if any(fnmatch(c, p) for p in patterns)]
+    if not hit: raise ValueError(f'no cell matches {" or ".join(patterns)} (ssfer reproduce --dry-run lists the cells)')
+    out, todo = set(), list(hit)
+    while todo:
+        c = todo.pop()
+        if c not in out: out.add(c); todo += list(plan.grid.cells[c].deps)
+    return out
+
+# %% ../nbs/53_launch.ipynb #a655c157
 def grid_summary(plan: Plan, r: dict) -> tuple[str, int]:
     "The closing lines of a grid run and its exit code (0: every cell done)."
     lines = []

@@ -77,6 +77,7 @@ class MSCLConfig:
     min_lr: float = 1e-6
     balanced_sampler: bool = False  # class-balanced sampling (AffectNet)
     device: str = 'auto'
+    max_steps: int | None = None  # stop after this many optimizer steps (a smoke test of the full code path; None: the whole schedule)
     seed: int = 0
 
 DATA_DEFAULTS = {'rafdb': {}, 'ferplus': dict(num_classes=8, proj_dim=512),
@@ -163,7 +164,7 @@ def fit_mscl(cfg: MSCLConfig,  # settings
     device = get_device(cfg.device)
     ev = lambda tk: {f'test/{k}': v for k, v in evaluate(tk.model, test_loader, cfg.num_classes, device).items()
                      if k in ('acc', 'macro_f1', 'mean_class_acc')}
-    hist = fit(task, loader, optimizer=opt, epochs=cfg.epochs, scheduler=sched, device=device, eval_fn=ev,
+    hist = fit(task, loader, optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, device=device, eval_fn=ev,
                ckpt_dir=ckpt_dir, progress=progress, extra=dict(config=dataclasses.asdict(cfg)))
     return dict(task=task, history=hist)
 

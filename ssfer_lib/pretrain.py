@@ -51,6 +51,7 @@ class PretrainConfig:
     amp: bool = True  # mixed precision on CUDA
     num_workers: int = 0
     device: str = 'auto'
+    max_steps: int | None = None  # stop after this many optimizer steps (a smoke test of the full code path; None: the whole schedule)
     seed: int = 0
 
 PRETRAIN_PRESETS = {
@@ -131,7 +132,7 @@ def pretrain(cfg: PretrainConfig,  # the run's settings
     lr = pretrain_lr(cfg.blr, cfg.batch_size, cfg.accum_steps, world)
     opt = build_optimizer(mae, lr, cfg.weight_decay, 'adamw', tuple(cfg.betas))
     sched = build_scheduler(opt, cfg.epochs, max(1, len(loader) // cfg.accum_steps), cfg.warmup_epochs, cfg.min_lr, warmup_lr=0.0)
-    history = fit(task, loader, optimizer=opt, epochs=cfg.epochs, scheduler=sched, device=device, amp=cfg.amp,
+    history = fit(task, loader, optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, device=device, amp=cfg.amp,
                   accum_steps=cfg.accum_steps, ckpt_dir=out, progress=progress,
                   extra=dict(config=dataclasses.asdict(cfg), vit=mae.encoder_kwargs))
     if not is_main_process(): return {}

@@ -72,7 +72,7 @@ def grid_datasets(preset: dict,  # from `load_preset`
         out.append(Dataset(n, ROOT_OF.get(n, n), str(Path(r).expanduser().resolve()) if r else f'<{ROOT_OF.get(n, n)} root>'))
     return out
 
-# %% ../nbs/52_reproduce.ipynb #9a7bd0d4
+# %% ../nbs/52_reproduce.ipynb #ad270f37
 @dataclass(frozen=True)
 class Column:
     "One number column of a rendered table: a dataset at a label setting, and what is measured."
@@ -98,7 +98,8 @@ def table_columns(spec: TableSpec, preset: dict, datasets: list[Dataset]) -> lis
     for ds in dict.fromkeys(c['dataset'] for c in cols):
         mine = [c for c in cols if c['dataset'] == ds]
         code = lambda c: label_code(c.get('labels')) or spec.paper_labels
-        for lab in (wanted or list(dict.fromkeys(code(c) for c in mine))):
+        rowwise = all(code(c) is None for c in mine)  # Table 2: each row has its label setting, the preset picks rows
+        for lab in [None] if rowwise else (wanted or list(dict.fromkeys(code(c) for c in mine))):
             hit = [c for c in mine if code(c) == lab] or [dict(c, key=None) for c in mine if code(c) == code(mine[0])]
             for c in hit:
                 meas = f"f1:{c['label'].lower()}" if c.get('measure') == 'f1_class' else None
@@ -202,7 +203,7 @@ def assign_keys(grid: Grid) -> Grid:
         c.key = text_hash(json.dumps(body, sort_keys=True, default=str), 16)
     return grid
 
-# %% ../nbs/52_reproduce.ipynb #dba1daa1
+# %% ../nbs/52_reproduce.ipynb #fcd8a384
 @dataclass
 class Slot:
     "One cell of a rendered table: the run that fills it, or why none does."
@@ -256,20 +257,23 @@ def plan_grid(preset: dict,  # from `load_preset`
     for t in specs:
         wanted = (preset.get('labels') or {}).get(t.id) or (preset.get('labels') or {}).get(t.name)
         for row in rows[t.name]:
-            if row.labels and wanted and row.labels not in wanted: continue  # Table 2's other label settings
+            skip = row.labels and wanted and row.labels not in wanted  # Table 2's other label settings
             groups = list(dict.fromkeys((c.dataset, c.labels) for c in cols[t.name]))
             for ds_name, lab in groups:
                 ds = by_name.get(ds_name) or stand_in
                 for seed in _seeds(preset, row):
                     s = [Slot(t.name, row.key, c, seed) for c in cols[t.name] if (c.dataset, c.labels) == (ds_name, lab)]
-                    why = t.needs or row.needs or (None if row.steps or row.reported else 'no experiment declared')
+                    why = t.needs or row.needs or (None if row.steps or row.reported else 'an experiment declared for it')
                     if not why and not ds.stand_in and ds.name in t.data_needs: why = t.data_needs[ds.name]
+                    why = why and f'not run yet — needs {why}'
+                    if skip and row.steps and not why:
+                        why = f"not in preset {preset['name']}, which runs {', '.join(label_text(w) for w in wanted)} here"
                     if not why and row.steps:
                         try: cid = expand(grid, row, ds, row.labels or lab, seed).id
-                        except NotRunnable as e: why = f'needs {e}'
+                        except NotRunnable as e: why = f'not run yet — needs {e}'
                         else:
                             for x in s: x.cell = cid
-                    for x in s: x.reason = None if x.cell else (why if why is None or why.startswith('needs') else f'needs {why}')
+                    for x in s: x.reason = None if x.cell else why
                     slots += s
     return Plan(assign_keys(grid), specs, cols, rows, slots)
 
@@ -330,7 +334,7 @@ def estimate_seconds(plan: Plan, status: dict) -> dict:
         else: out[cid] = (t.get('seconds') or {}).get(c.kind)
     return out
 
-# %% ../nbs/52_reproduce.ipynb #5f61fac5
+# %% ../nbs/52_reproduce.ipynb #fcdc90d3
 def _hms(s: float | None) -> str:
     if s is None: return '?'
     s = int(round(s)); return f'{s // 3600}h{s % 3600 // 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
@@ -356,7 +360,7 @@ def describe_plan(plan: Plan, status: dict, jobs: int = 1) -> str:
     for s in plan.slots:
         if s.reason: why.setdefault(s.reason, set()).add(s.table)
     for t in plan.tables:  # tables without dataset columns (folds, ε, noise) have no slots
-        if t.needs: why.setdefault(f'needs {t.needs}', set()).add(t.name)
-    if why: lines.append('not run (the tables say why):')
+        if t.needs: why.setdefault(f'not run yet — needs {t.needs}', set()).add(t.name)
+    if why: lines.append('table cells without a run (the tables say why):')
     lines += [f'  {", ".join(sorted(t))}: {r}' for r, t in sorted(why.items())]
     return '\n'.join(lines)

@@ -78,6 +78,7 @@ class SemiConfig:
     amp: bool = True  # mixed precision on CUDA
     num_workers: int = 0
     device: str = 'auto'
+    max_steps: int | None = None  # stop after this many optimizer steps (a smoke test of the full code path; None: the whole schedule)
     seed: int = 0
 
 # %% ../nbs/42_semi_train.ipynb #d68796a7
@@ -261,7 +262,7 @@ def semi_train(cfg: SemiConfig,  # the run's settings
     def eval_fn(t):
         return {f'{s}/{n}/{k}': v for s in ('test', 'val') if s in L
                 for n, r in evaluate_models(t.eval_models(), L[s], K, device, cfg.vote_window).items() for k, v in scalars(r).items()}
-    history = fit(task, L['train'], optimizer=opt, epochs=cfg.epochs, scheduler=sched, steps_per_epoch=cfg.steps_per_epoch,
+    history = fit(task, L['train'], optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, steps_per_epoch=cfg.steps_per_epoch,
                   device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, eval_fn=eval_fn, ckpt_dir=out, progress=progress,
                   select={'best_test': f'test/{main}/acc', 'val_selected': f'val/{main}/acc', 'last': None}[rule],
                   extra=dict(config=dataclasses.asdict(cfg)))

@@ -136,6 +136,7 @@ def fit(task: Task,  # the objective (holds the model(s))
         find_unused_parameters: bool = False,  # DDP option for tasks that skip some parameters
         progress: bool = True,  # tqdm bars
         extra: dict | None = None,  # plain values saved in every checkpoint (e.g. the config)
+        max_steps: int | None = None,  # stop after this many optimizer steps in all (a smoke test of a long schedule)
        ) -> list[dict]:
     "Train `task` for `epochs`; returns the per-epoch log (also in `ckpt_dir/history.json`)."
     if not (isinstance(accum_steps, int) and accum_steps >= 1): raise ValueError(f'accum_steps must be an integer >= 1, got {accum_steps!r}')
@@ -189,6 +190,7 @@ def fit(task: Task,  # the objective (holds the model(s))
                 elif isinstance(v, (int, float)): sums[k] += float(v)
             n += 1
             if i % 10 == 0: bar.set_postfix(loss=f'{loss.item():.4f}')
+            if max_steps is not None and step >= max_steps: break
         optimizer.zero_grad(set_to_none=True)  # a loader without len() may end inside a group: its gradients are dropped
         if n == 0: raise ValueError('the training loader yielded no batches (is the labeled set smaller than one batch with drop_last?)')
         if n < accum_steps: raise ValueError(f'accum_steps={accum_steps} exceeds the {n} batches of epoch {epoch + 1}: no optimizer step ran')
@@ -209,6 +211,7 @@ def fit(task: Task,  # the objective (holds the model(s))
                                                                            loader_rng=gen.get_state() if gen is not None else None))
             atomic_write_json(ckpt_dir/'history.json', history)
         if on_epoch_end is not None: on_epoch_end(epoch, log)
+        if max_steps is not None and step >= max_steps: break  # evaluated and saved like a whole epoch
     return history
 
 # %% ../nbs/20_train.ipynb #e4737c17
