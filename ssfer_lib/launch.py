@@ -78,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == '__main__' and Path(sys.argv[0]).stem == 'launch': sys.exit(main())
 
-# %% ../nbs/53_launch.ipynb #ec16a4ec
+# %% ../nbs/53_launch.ipynb #2a4c682f
 def cell_command(folder: Path, gpus: int = 0) -> list[str]:
     "The command that runs a cell: python, or torchrun with one process per GPU."
-    if gpus > 1: return ['torchrun', '--standalone', f'--nproc_per_node={gpus}', '-m', 'ssfer_lib.launch', str(folder)]
+    if gpus > 1:  # torchrun, from this interpreter (no PATH needed)
+        return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={gpus}', '-m', 'ssfer_lib.launch', str(folder)]
     return [sys.executable, '-m', 'ssfer_lib.launch', str(folder)]
 
 def _env(threads: int) -> dict:

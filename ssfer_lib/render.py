@@ -39,7 +39,7 @@ def metric_value(m: dict,  # a run's metrics (metrics.json `metrics`)
     v = m.get(metric)
     return (None if v is None else 100 * v), head if head in RULE_MARKS else m.get('selection')
 
-# %% ../nbs/54_render.ipynb #988a368a
+# %% ../nbs/54_render.ipynb #5f002e83
 def _fmt(v: float | None, d: int = 2) -> str: return '' if v is None else f'{v:.{d}f}'
 
 def _mean_sd(vs: list[float]) -> tuple[float, float | None]:
@@ -91,8 +91,9 @@ def table_rows(plan: Plan, spec: TableSpec, metrics: dict, states: dict, base: P
     header = ['']
     for c in cols: header += [c.header] + [f'{c.header} {n}' for n in extra_names]
     notes, rows = [], []
+    twice = {l for l in labels.values() if list(labels.values()).count(l) > 1}  # DTM prints 'SSL + DTM' three times
     for row in plan.rows[spec.name]:
-        name = row.label or labels.get(row.key, row.key)
+        name = row.label or labels.get(row.key, row.key) + (f' [{row.key}]' if labels.get(row.key) in twice else '')
         name += ' (reported)' if row.reported else ' (ours only)' if row.ours_only and pt else ''
         line = [name]
         for j, c in enumerate(cols):
@@ -131,14 +132,15 @@ def networks_note(plan: Plan, spec: TableSpec, metrics: dict) -> str:
     return ('\nAccuracy of both networks of the semi-supervised runs, at the epoch the rule picks by the reported one:\n'
             + '\n'.join(lines) + '\n') if lines else ''
 
-# %% ../nbs/54_render.ipynb #676ae082
+# %% ../nbs/54_render.ipynb #25f4a917
 def _paper_as_printed(spec: TableSpec) -> tuple[list, list]:
     t = paper_tables().get(spec.id)
     if not t: return [''], []
     cols = t['columns']
-    head = [''] + [c['label'] for c in cols]
-    return head, [[r['label'] + (' (reported)' if r['source'] == 'reported' else '')] +
-                  ['' if r['values'].get(c['key']) is None else str(r['values'][c['key']]) for c in cols] for r in t['rows']]
+    head, d = [''] + [c['label'] for c in cols], t.get('decimals')
+    fmt = lambda v: '' if v is None else f'{v:.{d}f}' if d is not None and isinstance(v, float) else str(v)  # as printed
+    return head, [[r['label'] + (' (reported)' if r['source'] == 'reported' else '')] + [fmt(r['values'].get(c['key'])) for c in cols]
+                  for r in t['rows']]
 
 def md_table(header: list, rows: list) -> str:
     "A GitHub Markdown table."
@@ -173,13 +175,16 @@ def render_table(plan: Plan, spec: TableSpec, metrics: dict, states: dict, base:
     md += ''.join(f'\n⁽{i + 1}⁾ {n}' for i, n in enumerate(notes)) + ('\n' if notes else '')
     shown = {c.key for c in plan.columns[spec.name]}
     other = [c['label'] for c in paper_tables().get(spec.id, {}).get('columns', []) if c.get('dataset') and c['key'] not in shown]
-    if other and not any(c.measure for c in plan.columns[spec.name]):
-        md += f"\nThe paper's other columns (not in preset {plan.grid.preset['name']}): {', '.join(other)}.\n"
+    if shown == {None}:  # no column of ours is a paper column (another label setting): the paper's table beside
+        head, prows = _paper_as_printed(spec)
+        md += f"\nThe paper's table (at its own label settings, which preset {plan.grid.preset['name']} does not run here):\n\n" + md_table(head, prows) + '\n'
+    elif other:
+        md += f"\nThe paper's other columns (not in this grid): {', '.join(other)}.\n"
     md += networks_note(plan, spec, metrics)
     th, trows, _ = table_rows(plan, spec, metrics, states, base, latex=True)
     return md, tex_table(th, trows, f'{spec.title}: ours / paper (difference)')
 
-# %% ../nbs/54_render.ipynb #c29627e6
+# %% ../nbs/54_render.ipynb #5188332e
 FIGURES = ('reconstruction.png', 'loss.png', 'confusion.png', 'pseudo_labels.png', 'thresholds.png')
 
 def _tsne(plan: Plan, spec: TableSpec, metrics: dict, path: Path) -> Path | None:
@@ -221,7 +226,10 @@ def render_all(plan: Plan,  # from `plan_grid`
         if 'tsne' in spec.figures and (p := _tsne(plan, spec, metrics, tdir/f'{spec.name}-tsne.png')):
             figs.append(f'![{spec.name}: t-SNE of the test features]({_rel(p, rdir)})')
         for cid in dict.fromkeys(s.cell for s in plan.slots if s.table == spec.name and s.cell in metrics):
-            for up in (*plan.grid.cells[cid].deps, cid):
+            chain, todo = [], [cid]
+            while todo:  # the cell and every cell upstream of it, MAE first
+                c = todo.pop(); chain.insert(0, c); todo += list(plan.grid.cells[c].deps)
+            for up in dict.fromkeys(chain):
                 if up in shown or up not in metrics: continue
                 shown.add(up)
                 figs += [f'![{up}: {f[:-4]}]({_rel(plan.grid.path(up)/f, rdir)})' for f in FIGURES if (plan.grid.path(up)/f).exists()]

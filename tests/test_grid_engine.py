@@ -54,7 +54,8 @@ def make_fake(tmp, fail=False, sleep=0.0):
 def cli(tmp, *args, **kw):
     "`ssfer reproduce` with the fake table, in a child process (so it can be interrupted)."
     code = 'import sys, fakegrid; from ssfer_lib.cli import main; sys.exit(main(sys.argv[1:]))'
-    env = os.environ | {'PYTHONPATH': os.pathsep.join([str(tmp), str(Path(__file__).resolve().parents[1]), os.environ.get('PYTHONPATH', '')])}
+    import ssfer_lib  # the child imports the library under test
+    env = os.environ | {'PYTHONPATH': os.pathsep.join([str(tmp), str(Path(ssfer_lib.__file__).resolve().parents[1]), os.environ.get('PYTHONPATH', '')])}
     argv = [sys.executable, '-c', code, 'reproduce', '--preset', str(tmp/'fake.yaml'), '--tables', 'fake', '--root', str(tmp/'out'), *args]
     return subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -140,6 +141,7 @@ def test_rendering_fake_metrics_gives_the_expected_markdown(tmp_path):
     assert 'A & 50.00\\textsuperscript{b} \\\\' in tex, tex
 
 
+@pytest.mark.slow
 def test_a_changed_parameter_marks_the_cell_and_its_dependants_stale(tmp_path):
     from ssfer_lib.reproduce import grid_status
     make_fake(tmp_path)
@@ -160,6 +162,7 @@ def test_a_changed_parameter_marks_the_cell_and_its_dependants_stale(tmp_path):
     assert all(s == 'done' for s, _ in grid_status(fake_plan(tmp_path).grid).values())
 
 
+@pytest.mark.slow
 def test_interrupted_grid_finishes_on_rerun_without_rerunning_finished_cells(tmp_path):
     make_fake(tmp_path, sleep=6.0)  # D's cells take a while: the grid is interrupted inside the first of them
     p = cli(tmp_path, start_new_session=True)
@@ -208,3 +211,24 @@ def test_dry_run_of_the_paper_preset_plans_the_full_grid_with_gpu_hours(tmp_path
     assert re.search(r'to run: \d+ cell\(s\), estimated .* = [\d.]+ GPU-hours', out), out[-3000:]
     assert 'paper-pretrain_mae-affectnet8' in out and 'table_05' in out
     assert not (tmp_path/'runs').exists(), 'a dry run writes nothing'
+
+
+def test_a_multi_process_cell_runs_under_torchrun_with_rank_0_keeping_the_books(tmp_path):
+    "What a multi-GPU Slurm job does, on 2 CPU processes: torchrun starts the cell twice; rank 0 records, rank 1 follows."
+    import nbformat
+    from ssfer_lib.core import atomic_write_json
+    from ssfer_lib.launch import slurm_cell
+    code = ('import json, os, pathlib\nrank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))\n'
+            'pathlib.Path(out_dir, f"seen{rank}").write_text(str(world))\n'
+            'if rank == 0: pathlib.Path(out_dir, "metrics.json").write_text(json.dumps({"metrics": {"test/acc": 0.5}, "provenance": {}}))')
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('out_dir = None', metadata={'tags': ['parameters']}),
+                                         nbformat.v4.new_code_cell(code)])
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'python3', 'language': 'python'}
+    nbformat.write(nb, tmp_path/'ddp.ipynb')
+    cell = tmp_path/'runs'/'c'; cell.mkdir(parents=True)
+    atomic_write_json(cell/'cell.json', dict(notebook=str(tmp_path/'ddp.ipynb'), params={}, key='k', canonical={}, deps=[],
+                                             force=False, cwd=str(tmp_path)))
+    r = slurm_cell(str(cell), gpus=2)
+    assert r['ok'], (cell/'cell.log').read_text()[-3000:]
+    assert (cell/'seen0').read_text() == (cell/'seen1').read_text() == '2', 'both ranks ran the notebook in one group of 2'
+    assert (cell/'rank1.ipynb').exists() and (cell/'ddp.ipynb').exists() and json.loads((cell/'run.json').read_text())['grid']['key'] == 'k'

@@ -1,9 +1,9 @@
 """Paper scale: `max_steps` stops the training loop after N optimizer steps, so one paper-preset cell (ViT-B/16 at
 224 px, the paper's code path) runs a few steps on a CPU through the grid."""
 import json, os, subprocess, sys
+from pathlib import Path
 import pytest
 import torch
-from conftest import REPO
 
 
 def test_fit_stops_after_max_steps_and_still_evaluates_and_saves(tmp_path):
@@ -39,7 +39,8 @@ def test_one_paper_preset_cell_runs_a_few_steps_on_cpu(tmp_path):
     args = ['reproduce', '--preset', 'paper', '--set', 'stand_in', 'synthfaces', '--datasets', 'rafdb', '--tables', 'table_13',
             '--cells', '*finetune-*-r0.1-facemix-iou-L4-*', '--root', str(tmp_path/'out'),
             '-p', 'max_steps', '2', '-p', 'batch_size', '4', '-p', 'n_train', '70', '-p', 'n_test', '14']
-    env = os.environ | {'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '2'}
+    import ssfer_lib  # the child imports the library under test
+    env = os.environ | {'PYTHONPATH': str(Path(ssfer_lib.__file__).resolve().parents[1]), 'OMP_NUM_THREADS': '2'}
     r = subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=3600)
     runs = tmp_path/'out'/'runs'
     ft = next(runs.glob('paper-finetune-synthfaces-r0.1-facemix-iou-L4-mae-s0*'))
