@@ -64,7 +64,7 @@ def _follow(folder: Path, c: dict, rank: int) -> dict:
     try:
         pm.execute_notebook(str(find_notebook(c['notebook'])), str(folder/f'rank{rank}.ipynb'),
                             parameters=c['params'] | {'out_dir': str(folder.resolve())}, kernel_name='python3',
-                            language='python', cwd=c['cwd'], progress_bar=False, extra_arguments=['--IPKernelApp.log_level=ERROR'])
+                            language='python', cwd=c['cwd'], progress_bar=False, extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
         return dict(ok=True, error=None, seconds=0)
     except Exception as e: return dict(ok=False, error=str(e).splitlines()[0], seconds=0)
 

@@ -15,10 +15,10 @@ from .runner import find_notebook, notebook_parameters, parse_value, run_state
 from .tables import TABLES, Row, TableSpec, label_code, label_text, paper_tables, split_params, table_spec
 
 # %% auto #0
-__all__ = ['PRESETS_DIR', 'PRESET_KEYS', 'ROOT_OF', 'preset_names', 'load_preset', 'Dataset', 'grid_datasets', 'Column',
-           'table_columns', 'Cell', 'NotRunnable', 'Grid', 'mae_cell', 'expand', 'canonical_params', 'assign_keys',
-           'Slot', 'Plan', 'select_tables', 'plan_grid', 'grid_status', 'image_steps', 'estimate_seconds',
-           'describe_plan']
+__all__ = ['PRESETS_DIR', 'PRESET_KEYS', 'READER_OF', 'ROOT_OF', 'preset_names', 'load_preset', 'Dataset', 'grid_datasets',
+           'Column', 'table_columns', 'Cell', 'NotRunnable', 'Grid', 'mae_cell', 'expand', 'canonical_params',
+           'assign_keys', 'Slot', 'Plan', 'select_tables', 'plan_grid', 'grid_status', 'image_steps',
+           'estimate_seconds', 'describe_plan']
 
 # %% ../nbs/52_reproduce.ipynb #8c48c81c
 PRESETS_DIR = Path(__file__).resolve().parent.parent/'presets' if '__file__' in globals() else Path('../presets').resolve()
@@ -44,7 +44,7 @@ def load_preset(name: str,  # a preset name (presets/<name>.yaml) or a path to a
         d[path[-1]] = parse_value(v) if isinstance(v, str) else v
     return cfg | dict(name=p.stem)
 
-# %% ../nbs/52_reproduce.ipynb #3799c03b
+# %% ../nbs/52_reproduce.ipynb #8ef2e436
 @dataclass(frozen=True)
 class Dataset:
     "A dataset of the grid: its name in the tables, the data its cells read, and the folder."
@@ -53,9 +53,12 @@ class Dataset:
     root: str | None = None  # absolute data folder (None: generated; '<name root>': not given, a dry run)
 
     @property
-    def stand_in(self) -> bool: return self.data != self.name.replace('ferplus7', 'ferplus')
+    def stand_in(self) -> bool: return self.data != READER_OF.get(self.name, self.name)
+    @property
+    def folder(self) -> str: return ROOT_OF.get(self.name, self.name)
 
-ROOT_OF = {'ferplus7': 'ferplus'}  # datasets read from another dataset's folder
+READER_OF = {'ferplus7': 'ferplus'}  # the reader of a dataset setting (FERPlus's 7 classes: a reader option)
+ROOT_OF = {'ferplus7': 'ferplus', 'affectnet7': 'affectnet', 'affectnet8': 'affectnet'}  # datasets sharing a folder
 
 def grid_datasets(preset: dict,  # from `load_preset`
                   names: list[str] | None = None,  # --datasets (default: the preset's)
@@ -68,8 +71,9 @@ def grid_datasets(preset: dict,  # from `load_preset`
     for n in names or preset.get('datasets') or []:
         if n not in known: raise KeyError(f'unknown dataset {n!r}{did_you_mean(n, known)}; the tables use: {", ".join(sorted(known))}')
         if preset.get('stand_in'): out.append(Dataset(n, preset['stand_in'])); continue
-        r = roots.get(n) or roots.get(ROOT_OF.get(n, n))
-        out.append(Dataset(n, ROOT_OF.get(n, n), str(Path(r).expanduser().resolve()) if r else f'<{ROOT_OF.get(n, n)} root>'))
+        f = ROOT_OF.get(n, n)
+        r = roots.get(n) or roots.get(f)
+        out.append(Dataset(n, READER_OF.get(n, n), str(Path(r).expanduser().resolve()) if r else f'<{f} root>'))
     return out
 
 # %% ../nbs/52_reproduce.ipynb #ad270f37
@@ -110,7 +114,7 @@ def table_columns(spec: TableSpec, preset: dict, datasets: list[Dataset]) -> lis
 _DATASET_NAMES = {'rafdb': 'RAF-DB', 'ferplus': 'FERPlus', 'ferplus7': 'FERPlus-7', 'affectnet7': 'AffectNet-7',
                   'affectnet8': 'AffectNet-8', 'affwild2': 'Aff-Wild2'}
 
-# %% ../nbs/52_reproduce.ipynb #6903f4d4
+# %% ../nbs/52_reproduce.ipynb #4272d9b1
 @dataclass
 class Cell:
     "One papermill run of the grid."
@@ -155,7 +159,7 @@ def mae_cell(grid: Grid, ds: Dataset) -> Cell:
     "The MAE pre-training of a dataset: its training folder (or `data_roots: mae`, one pool for all), or the stand-in."
     pool = (grid.preset.get('data_roots') or {}).get('mae')
     if ds.stand_in or ds.data == 'synthfaces': p, name = dict(data=ds.data), ds.data
-    else: p, name = dict(data='folder', data_root=str(Path(pool).resolve()) if pool else ds.root), 'faces' if pool else ds.data
+    else: p, name = dict(data='folder', data_root=str(Path(pool).resolve()) if pool else ds.root), 'faces' if pool else ds.folder
     p = dict(preset=grid.preset['stage_preset']) | p | dict(seed=0) | _overrides(grid, 'pretrain_mae')
     sfx = ''.join(f'-{k}{_slug(v)}' for k, v in sorted(_overrides(grid, 'pretrain_mae').items()))
     shared = ds.stand_in or bool(pool)

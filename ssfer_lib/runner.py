@@ -251,7 +251,7 @@ def run_notebook(notebook: str | Path,  # experiment notebook (path or name in n
     try:  # the kernel logs only errors: not its "running over TCP without encryption" warning on every run
         pm.execute_notebook(str(nb), str(out/nb.name), parameters=params | {'out_dir': str(out.resolve())},
                             kernel_name='python3', language='python', cwd=str(cwd or Path.cwd()),
-                            progress_bar=False, log_output=log_output, extra_arguments=['--IPKernelApp.log_level=ERROR'])
+                            progress_bar=False, log_output=log_output, extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
     except pm.PapermillExecutionError as e:
         raise RuntimeError(f'{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} '
                            f'(executed notebook with the traceback: {out/nb.name})') from None

@@ -37,3 +37,33 @@ def test_runnable_rows_reach_every_paper_column_they_have_values_for():
                 assert col.get('dataset'), (tid, row.key, col['key'])
                 code = row.labels or label_code(col.get('labels')) or spec.paper_labels
                 assert code and split_params(code), (tid, row.key, col['key'])
+
+
+def test_no_two_cells_of_a_preset_compute_the_same_thing():
+    "Cells are shared by id; two ids with the same full config (same key) would compute one run twice."
+    from ssfer_lib.reproduce import grid_datasets, load_preset, plan_grid
+    for name in ('demo', 'smoke', 'paper'):
+        p = load_preset(name)
+        plan = plan_grid(p, '/tmp/nowhere', grid_datasets(p))
+        keys = [c.key for c in plan.grid.cells.values()]
+        assert len(keys) == len(set(keys)), name
+        assert all(s.cell or s.reason or next(r for r in plan.rows[s.table] if r.key == s.row).reported for s in plan.slots)
+
+
+def test_every_paper_value_of_a_runnable_row_finds_its_cell_in_the_paper_grid():
+    "In the paper preset, each published number of a row we run sits in a slot with a cell (or says what it needs)."
+    from ssfer_lib.reproduce import grid_datasets, load_preset, plan_grid
+    p = load_preset('paper')
+    plan = plan_grid(p, '/tmp/nowhere', grid_datasets(p))
+    slots = {(s.table, s.row, s.column.key): s for s in plan.slots}
+    for spec in plan.tables:
+        t = paper_tables().get(spec.id)
+        if not t or spec.needs: continue
+        for row in plan.rows[spec.name]:
+            if not row.steps or row.ours_only: continue
+            prow = next(r for r in t['rows'] if r['key'] == row.key)
+            for col, v in prow['values'].items():
+                if v is None: continue
+                s = slots.get((spec.name, row.key, col))
+                assert s is not None, (spec.id, row.key, col)
+                assert s.cell or s.reason.startswith('not run yet — needs'), (spec.id, row.key, col, s.reason)
