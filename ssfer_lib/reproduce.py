@@ -286,7 +286,7 @@ def grid_status(grid: Grid) -> dict:
     "Cell id → (state, detail): done, stale, running, failed, partial, missing."
     return {cid: run_state(grid.path(cid), c.key, canonical_params(grid, c)) for cid, c in grid.cells.items()}
 
-# %% ../nbs/52_reproduce.ipynb #63aaae9d
+# %% ../nbs/52_reproduce.ipynb #5d41cdd4
 _MIX_IMAGES = {'facemix': 2, 'mscl': 2, 'facemix+mscl': 2}  # images a step sees per labeled image (FaceMix: real + mixed)
 
 def _sizes() -> dict:
@@ -327,8 +327,9 @@ def estimate_seconds(plan: Plan, status: dict) -> dict:
     t, measured = plan.grid.preset.get('timing') or {}, {}
     for cid, (state, _) in status.items():
         if state != 'done': continue
-        m = json.loads((plan.grid.path(cid)/'metrics.json').read_text()).get('metrics', {})
-        if m.get('seconds') or m.get('train_seconds'): measured.setdefault(plan.grid.cells[cid].kind, []).append(m.get('seconds') or m['train_seconds'])
+        f = plan.grid.path(cid)  # the cell's wall time, papermill's kernel start included: from its start to metrics.json
+        dt = (f/'metrics.json').stat().st_mtime - json.loads((f/'run.json').read_text()).get('started', float('inf'))
+        if dt > 0: measured.setdefault(plan.grid.cells[cid].kind, []).append(dt)
     out = {}
     for cid, c in plan.grid.cells.items():
         if c.kind in measured: out[cid] = statistics.median(measured[c.kind])
