@@ -15,7 +15,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/90_cli.ipynb #c67cf5d9
+# %% ../nbs/90_cli.ipynb #7d382b00
 def _version(a):
     from ssfer_lib import __version__
     import torch, timm
@@ -30,13 +30,19 @@ def _run(a):
     m = run_notebook(a.notebook, _params(a.param), name=a.name, root=a.root, force=a.force, log_output=a.verbose)
     print(json.dumps(m['metrics'], indent=2, default=str))
 
+def _pairs(items: list[str] | None, option: str) -> dict:
+    "NAME=VALUE strings → dict; anything else is one line naming the option."
+    out = {}
+    for it in items or []:
+        if '=' not in it: raise ValueError(f'{option} {it!r}: write NAME=FOLDER (e.g. {option} rafdb=/data/RAF-DB)')
+        k, v = it.split('=', 1); out[k.strip()] = v
+    return out
+
 def _reproduce(a):
-    from ssfer_lib.reproduce import reproduce
-    over = _params(a.set)
-    if a.data_root: over['data_root'] = a.data_root
-    md = reproduce(a.preset, tables=a.tables, root=a.root, force=a.force, overrides=over)
-    print('\n'.join(md.values()))
-    print(f'tables written to {Path(a.root)/"tables"/(a.preset + ".md")}')
+    from ssfer_lib.render import reproduce
+    ds = [d for x in a.datasets or [] for d in x.split(',') if d]
+    return reproduce(a.preset, a.root, ds or None, _pairs(a.data_root, '--data-root'), [tuple(x) for x in a.set or []],
+                     _params(a.param), a.tables, a.cells, a.jobs, a.launcher, a.cluster, a.force, a.dry_run)
 
 # %% ../nbs/90_cli.ipynb #cf9a832a
 def _data(a):
@@ -80,7 +86,7 @@ def _bench(a):
         print(f'{name}: ' + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))}, default=str))
     print(bench_summary(a.out))  # outputs/bench/README.md
 
-# %% ../nbs/90_cli.ipynb #993f19e2
+# %% ../nbs/90_cli.ipynb #21c810f3
 def _add_run(p):
     p.add_argument('notebook', help='experiment notebook: a path or a name in nbs/experiments (e.g. finetune)')
     p.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='override a parameter (repeatable)')
@@ -91,13 +97,20 @@ def _add_run(p):
     p.set_defaults(fn=_run)
 
 def _add_reproduce(p):
-    from ssfer_lib.reproduce import PRESETS
-    p.add_argument('--preset', default='demo', choices=sorted(PRESETS), help='scale and data of all runs')
-    p.add_argument('--tables', nargs='+', help='only these tables (default: all)')
-    p.add_argument('--root', default='outputs', help='runs go to ROOT/runs, tables to ROOT/tables')
-    p.add_argument('--data-root', help='dataset root for real-data presets')
-    p.add_argument('--set', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='change a preset value (repeatable)')
-    p.add_argument('--force', action='store_true', help='re-run every run from scratch (old results kept as *.previous.*)')
+    from ssfer_lib.reproduce import preset_names
+    p.add_argument('--preset', default='demo', help=f'a file in presets/ ({", ".join(preset_names())}) or a YAML path')
+    p.add_argument('--datasets', action='append', metavar='A,B', help='the datasets the tables span (default: the preset\'s)')
+    p.add_argument('--data-root', action='append', metavar='NAME=FOLDER', help='a dataset\'s folder (repeatable); mae=FOLDER: one MAE pool')
+    p.add_argument('--set', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='change a preset value, e.g. --set seeds.mscl "[0, 1]"')
+    p.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), help='a parameter of every cell that has it, e.g. -p max_steps 2')
+    p.add_argument('--tables', nargs='+', help='only these tables (table_13, ssfer-t13, mimic_02, demo, …)')
+    p.add_argument('--cells', nargs='+', metavar='PATTERN', help="run only the cells matching these shell patterns and their upstream cells, e.g. '*facemix-iou-L4*'")
+    p.add_argument('--root', default='outputs', help='runs in ROOT/runs, tables in ROOT/tables/PRESET, the report in ROOT/PRESET')
+    p.add_argument('--jobs', type=int, default=1, help='cells at a time (threads per cell = cores // JOBS)')
+    p.add_argument('--launcher', default='local', choices=['local', 'slurm'], help='child processes, or one Slurm job per cell (submitit)')
+    p.add_argument('--cluster', choices=['slurm', 'local', 'debug'], help="submitit's executor for --launcher slurm (default: slurm)")
+    p.add_argument('--force', action='store_true', help='run stale cells again (their old results kept as *.previous.*)')
+    p.add_argument('--dry-run', action='store_true', help='print the plan: cells, their state, the estimated cost')
     p.set_defaults(fn=_reproduce)
 
 def _add_data(p):
@@ -145,7 +158,7 @@ def _add_bench(p):
 
 def _add_version(p): p.set_defaults(fn=_version)
 
-# %% ../nbs/90_cli.ipynb #57ec9db3
+# %% ../nbs/90_cli.ipynb #5a5c41e7
 class _Parser(argparse.ArgumentParser):  # (its subcommands' parsers are of the same class)
     def error(self, message): self.exit(2, f'ssfer: error: {message} (see {self.prog} --help)\n')  # one line, as every error
 
@@ -173,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     term = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError): signal.signal(signal.SIGTERM, _terminate)  # SIGTERM stops as Ctrl-C does (main thread only)
-    try: a.fn(a)
+    try: rc = a.fn(a)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or a run that `fit` stopped between two steps (`Interrupted`)
         again = ['ssfer', *(sys.argv[1:] if argv is None else argv)]
         again = f'; to resume, run the same command again: {shlex.join(again)}' if a.command in ('run', 'reproduce') else ''
@@ -184,4 +197,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f'ssfer: error: {msg}', file=sys.stderr); return 2
     finally:
         with contextlib.suppress(ValueError): signal.signal(signal.SIGTERM, term)
-    return 0
+    return rc or 0  # `reproduce` returns 1 when a cell failed

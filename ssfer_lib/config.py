@@ -126,7 +126,7 @@ def parse_overrides(pairs: list[str] | None,  # `key=value` strings
         k, v = p.split('=', 1); out[k.strip()] = v
     return out
 
-# %% ../nbs/01_config.ipynb #2eb8f7fb
+# %% ../nbs/01_config.ipynb #bf02e6e5
 @dataclasses.dataclass
 class StageConfig:
     "The architecture, optimiser and runtime fields of every stage's config; defaults are SSFER's fine-tuning recipe."
@@ -157,6 +157,7 @@ class StageConfig:
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process; our choice)
     device: str = 'auto'  # 'auto' (CUDA when available), 'cpu', 'cuda:1', ...
     seed: int = 0  # the run's seed: initialization, augmentation, batch order (our choice)
+    max_steps: int | None = None  # stop after this many optimizer steps in all (a smoke test of a long schedule's code path; None: the whole schedule)
 
     FIXED = {}  # field → (the only value the stage reads, why): a stage that cannot use a field fixes it
 

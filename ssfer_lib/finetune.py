@@ -202,7 +202,7 @@ def finetune_run_config(preset: str = 'paper',  # a name in FINETUNE_PRESETS
     check_vit(cfg)
     return cfg
 
-# %% ../nbs/41_finetune.ipynb #e44a4619
+# %% ../nbs/41_finetune.ipynb #e425139c
 def finetune(cfg: FinetuneConfig,  # the run's settings
              out_dir: str | Path,  # run folder: checkpoints, history, figure, metrics.json
              progress: bool = True,  # tqdm bars
@@ -233,7 +233,7 @@ def finetune(cfg: FinetuneConfig,  # the run's settings
                 pre = f'{split}/' if name == 'model' else f'{split}/{name}/'
                 log |= {pre + k: v for k, v in evaluate(m, ld, K, device).items() if not isinstance(v, list)}
         return log
-    history = fit(task, loader, optimizer=opt, epochs=epochs, scheduler=sched, device=device, amp=cfg.amp,
+    history = fit(task, loader, optimizer=opt, epochs=epochs, max_steps=cfg.max_steps, scheduler=sched, device=device, amp=cfg.amp,
                   accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn, eval_every=cfg.eval_every,
                   select={'best_test': 'test/acc', 'val_selected': 'val/acc', 'last': None}[rule], ckpt_dir=out,
                   progress=progress, extra=dict(config=dataclasses.asdict(cfg)))

@@ -150,7 +150,7 @@ def mscl_optimizer(task: Task,  # any task with `.model` (the ViT) and possibly 
     "AdamW with layer decay on `task.model`, plus the task's other parameters (projection head) at the full lr."
     return build_optimizer(task.model, lr=lr, weight_decay=weight_decay, opt='adamw', betas=betas, layer_decay=layer_decay, task=task)
 
-# %% ../nbs/43_mimic.ipynb #e786af6b
+# %% ../nbs/43_mimic.ipynb #33c8a108
 def fit_mscl(cfg: MSCLConfig,  # settings
              train_ds,  # augmenting dataset of dicts (`image`, `label`, `box`); or one already giving dict(weak, strong)
              test_loader,  # yields test batches (`image`, `label`)
@@ -177,7 +177,7 @@ def fit_mscl(cfg: MSCLConfig,  # settings
     device = get_device(cfg.device)
     ev = lambda tk: {f'test/{k}': v for k, v in evaluate(tk.model, test_loader, cfg.num_classes, device).items()
                      if k in ('acc', 'macro_f1', 'mean_class_acc')}
-    hist = fit(task, loader, optimizer=opt, epochs=cfg.epochs, scheduler=sched, device=device, amp=cfg.amp,
+    hist = fit(task, loader, optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, device=device, amp=cfg.amp,
                accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=ev, eval_every=cfg.eval_every,
                ckpt_dir=ckpt_dir, progress=progress, extra=dict(config=dataclasses.asdict(cfg)))
     return dict(task=task, history=hist)

@@ -105,7 +105,7 @@ def pretrain_data(cfg: PretrainConfig,
     show = d['test'] if d['test'] is not None else pool.subset(range(min(n_show, len(pool))), test_view(cfg.img_size, cfg.norm))
     return dict(train=pool, show=torch.stack([show[i]['image'] for i in range(min(n_show, len(show)))]))
 
-# %% ../nbs/40_pretrain.ipynb #905a0ca3
+# %% ../nbs/40_pretrain.ipynb #dd8bb00e
 def _plot_history(history: list[dict]):
     import matplotlib.pyplot as plt
     ep = [h['epoch'] for h in history]
@@ -134,7 +134,7 @@ def pretrain(cfg: PretrainConfig,  # the run's settings
     lr = cfg.lr if cfg.lr is not None else pretrain_lr(cfg.blr, cfg.batch_size, cfg.accum_steps, world)
     opt = build_optimizer(mae, lr, cfg.weight_decay, 'adamw', tuple(cfg.betas))
     sched = build_scheduler(opt, cfg.epochs, max(1, len(loader) // cfg.accum_steps), cfg.warmup_epochs, cfg.min_lr, cfg.warmup_lr)
-    history = fit(task, loader, optimizer=opt, epochs=cfg.epochs, scheduler=sched, device=device, amp=cfg.amp,
+    history = fit(task, loader, optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, device=device, amp=cfg.amp,
                   accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, ckpt_dir=out, progress=progress,
                   extra=dict(config=dataclasses.asdict(cfg), vit=mae.encoder_kwargs))
     if not is_main_process(): return {}

@@ -18,8 +18,9 @@ from .core import Interrupted, stop_on_signal, stop_requested
 from .config import did_you_mean
 
 # %% auto #0
-__all__ = ['EXPERIMENTS_DIR', 'RESULT_FILES', 'find_notebook', 'notebook_parameters', 'parse_value', 'run_name', 'check_run_root',
-           'experiment_configs', 'check_run_config', 'run_notebook']
+__all__ = ['EXPERIMENTS_DIR', 'RESULT_FILES', 'FAILED', 'LOCK', 'LOCK_TIMEOUT', 'find_notebook', 'notebook_parameters',
+           'parse_value', 'run_name', 'check_run_root', 'experiment_configs', 'check_run_config', 'run_notebook',
+           'record_failure', 'run_state']
 
 # %% ../nbs/50_runner.ipynb #82e89662
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent/'nbs'/'experiments' if '__file__' in globals() else Path('experiments').resolve()
@@ -120,7 +121,7 @@ def check_run_config(nb: Path,  # the resolved experiment notebook
         except (KeyError, ValueError, FileNotFoundError) as e:  # one line naming the notebook and the culprit
             raise ValueError(f'{nb.name}: {e.args[0] if isinstance(e, KeyError) and e.args else e}') from None
 
-# %% ../nbs/50_runner.ipynb #d46fbcb9
+# %% ../nbs/50_runner.ipynb #ebb2304d
 _INPUT_ERRORS = ('DataError', 'CheckpointError', 'ValueError', 'KeyError', 'FileNotFoundError', 'FileExistsError', 'ResultExistsError',
                 'OSError', 'PermissionError', 'NotADirectoryError', 'IsADirectoryError')  # a cell's bad input: ValueError (CLI: exit 2)
 
@@ -139,6 +140,7 @@ def run_notebook(notebook: str | Path,  # experiment notebook (path or name in n
                  skip_finished: bool = False,  # return a finished run's metrics instead of raising (same parameters only)
                  cwd: str | Path | None = None,  # working directory of the kernel (default: current)
                  log_output: bool = False,  # stream cell output to the terminal
+                 record: dict | None = None,  # more fields for run.json (the grid's key and parameters)
                 ) -> dict:
     "Execute an experiment with papermill into `root/name/`; returns its `metrics.json` content."
     import papermill as pm
@@ -160,18 +162,18 @@ def run_notebook(notebook: str | Path,  # experiment notebook (path or name in n
     check_run_config(nb, known | params, cwd)
     out = run_dir(name, root)
     if force: _set_aside(out)
-    atomic_write_json(out/'run.json', dict(notebook=str(nb), params=params, name=name, started=time.time()))
+    atomic_write_json(out/'run.json', dict(notebook=str(nb), params=params, name=name, started=time.time()) | (record or {}))
     kms = []
     def pass_on(signum):  # papermill starts the kernel in a session of its own, out of the terminal's reach
         for km in kms:
             if getattr(km.provisioner, 'pid', None): os.kill(km.provisioner.pid, signal.SIGINT)  # `fit` stops between steps
     def stop_before(cell, cell_index):  # an idle kernel ignores SIGINT: start no further cell
         if stop_requested(): raise Interrupted(f'{nb.name}: stopped before cell {cell_index}', stop_requested())
-    try:
+    try:  # the kernel logs only errors: not its "running over TCP without encryption" warning on every run
         with stop_on_signal(pass_on) as got:
             pm.execute_notebook(str(nb), str(out/nb.name), parameters=params | {'out_dir': str(out.resolve())},
                                 kernel_name='python3', language='python', cwd=str(cwd or Path.cwd()),
-                                progress_bar=False, log_output=log_output,
+                                progress_bar=False, log_output=log_output, extra_arguments=['--IPKernelApp.log_level=CRITICAL'],
                                 kernel_manager_class=_recording_kernel_manager(kms), on_cell_start=stop_before)
     except pm.PapermillExecutionError as e:
         if e.ename in ('Interrupted', 'KeyboardInterrupt'):  # `fit` stopped between two steps, or the cell was interrupted
@@ -180,3 +182,46 @@ def run_notebook(notebook: str | Path,  # experiment notebook (path or name in n
             f'{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (executed notebook with the traceback: {out/nb.name})') from None
     if not (out/'metrics.json').exists(): raise RuntimeError(f'{nb.name} finished but wrote no {out}/metrics.json')
     return read_metrics(out)
+
+# %% ../nbs/50_runner.ipynb #24bf337f
+FAILED, LOCK = 'failed.json', 'running.json'
+LOCK_TIMEOUT = 300  # seconds: a lock of another host not refreshed for this long belongs to a dead job (our choice)
+
+def record_failure(out: Path,  # the run folder (created if missing)
+                   error: str,  # what went wrong
+                   notebook: str | None = None,  # the executed notebook with the traceback, if any
+                  ) -> Path:
+    "Write `failed.json`: the error's first line and where its traceback is."
+    line = (str(error).strip().splitlines() or ['unknown error'])[0]
+    return atomic_write_json(Path(out)/FAILED, dict(error=line, notebook=notebook, time=time.time()))
+
+def _lock_alive(lock: Path) -> bool:
+    import socket
+    try: info = json.loads(lock.read_text())
+    except (OSError, ValueError): return False
+    if info.get('host') != socket.gethostname(): return time.time() - lock.stat().st_mtime < LOCK_TIMEOUT
+    try: os.kill(int(info['pid']), 0); return True
+    except (OSError, ValueError, KeyError): return False
+
+def _diff(old: dict, new: dict) -> str:
+    canon = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))
+    old, new = canon(old), canon(new)
+    return ', '.join(f'{k}: {old.get(k)!r} → {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+
+def run_state(out: str | Path,  # a run folder
+              key: str,  # the key (config hash) the grid would run it with now
+              params: dict | None = None,  # the parameters behind that key, to name what changed
+             ) -> tuple[str, str]:
+    "`(state, detail)`: 'done', 'stale' (started with another config), 'running', 'failed', 'partial' (resumable) or 'missing'."
+    out = Path(out)
+    run = json.loads((out/'run.json').read_text()) if (out/'run.json').exists() else None
+    if run is not None and run.get('grid', {}).get('key') != key:
+        changed = _diff(run.get('grid', {}).get('params', run.get('params', {})), params or {}) if params is not None else ''
+        return 'stale', f'started with another config ({changed or "key " + str(run.get("grid", {}).get("key"))})'
+    if (out/'metrics.json').exists(): return ('done', '') if run is not None else ('stale', 'metrics.json without run.json')
+    if (out/LOCK).exists() and _lock_alive(out/LOCK): return 'running', ''
+    if (out/FAILED).exists(): return 'failed', json.loads((out/FAILED).read_text()).get('error', '')
+    if run is not None:
+        epochs = len(json.loads((out/'history.json').read_text())) if (out/'history.json').exists() else 0
+        return 'partial', f'interrupted after {epochs} epoch(s): resumes from last.pt'
+    return 'missing', ''

@@ -263,7 +263,7 @@ def check_ranks_agree(module: torch.nn.Module) -> None:
     bad = [k for i, k in enumerate(sorted(st) * 2) if lo[i] != hi[i]]
     if bad: raise RuntimeError(f'DDP ranks disagree after training on {sorted(set(bad))[:5]} (the teacher/thresholds drifted)')
 
-# %% ../nbs/42_semi_train.ipynb #11075bcb
+# %% ../nbs/42_semi_train.ipynb #7424f71d
 def semi_train(cfg: SemiConfig,  # the run's settings
                out_dir: str | Path,  # run folder: checkpoints, history, figures, metrics.json
                progress: bool = True,  # tqdm bars
@@ -291,7 +291,7 @@ def semi_train(cfg: SemiConfig,  # the run's settings
     def eval_fn(t):
         return {f'{s}/{n}/{k}': v for s in ('test', 'val') if s in L
                 for n, r in evaluate_models(t.eval_models(), L[s], K, device, cfg.vote_window).items() for k, v in scalars(r).items()}
-    history = fit(task, L['train'], optimizer=opt, epochs=cfg.epochs, scheduler=sched, steps_per_epoch=cfg.steps_per_epoch,
+    history = fit(task, L['train'], optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, steps_per_epoch=cfg.steps_per_epoch,
                   device=device, amp=cfg.amp, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn, eval_every=cfg.eval_every, ckpt_dir=out, progress=progress,
                   select={'best_test': f'test/{main}/acc', 'val_selected': f'val/{main}/acc', 'last': None}[rule],
                   extra=dict(config=dataclasses.asdict(cfg)))

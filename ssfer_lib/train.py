@@ -140,7 +140,7 @@ def epoch_means(sums: dict,  # logged scalar -> sum over this process's batches 
     dist.all_reduce(t)  # every rank logs the same values (the keys are the task's outputs: the same on every rank)
     return dict(zip(keys, (t[:-1] / t[-1]).tolist()))
 
-# %% ../nbs/20_train.ipynb #5dd145fc
+# %% ../nbs/20_train.ipynb #f53900a9
 def _stopped(done: int, epochs: int, step: int, ckpt_dir: Path | None) -> Interrupted:
     "Why and where `fit` stopped on a signal, and what a second call with the same `ckpt_dir` resumes from."
     last = ckpt_dir/'last.pt' if ckpt_dir is not None else None
@@ -170,6 +170,7 @@ def fit(task: Task,  # the objective (holds the model(s))
         find_unused_parameters: bool = False,  # DDP option for tasks that skip some parameters
         progress: bool = True,  # tqdm bars
         extra: dict | None = None,  # plain values saved in every checkpoint (e.g. the config)
+        max_steps: int | None = None,  # stop after this many optimizer steps in all (a smoke test of a long schedule)
        ) -> list[dict]:
     "Train `task` for `epochs`; returns the per-epoch log (also in `ckpt_dir/history.json`)."
     if not (isinstance(eval_every, int) and eval_every >= 1): raise ValueError(f'eval_every must be an integer >= 1, got {eval_every!r}')
@@ -225,13 +226,15 @@ def fit(task: Task,  # the objective (holds the model(s))
                 elif isinstance(v, (int, float)): sums[k] += float(v)
             n += 1
             if i % 10 == 0 and not bar.disable: bar.set_postfix(loss=f'{loss.item():.4f}')
+            if max_steps is not None and step >= max_steps: break
         optimizer.zero_grad(set_to_none=True)  # a loader without len() may end inside a group: its gradients are dropped
         if n == 0: raise ValueError('the training loader yielded no batches (is the labeled set smaller than one batch with drop_last?)')
         if n < accum_steps: raise ValueError(f'accum_steps={accum_steps} exceeds the {n} batches of epoch {epoch + 1}: no optimizer step ran')
         log = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[-1]['lr'])
         log |= {f'train/{k}': v for k, v in epoch_means(sums, n, device).items()}
         log |= task.after_epoch(epoch)
-        evaluated = eval_fn is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs)
+        last = epoch + 1 == epochs or (max_steps is not None and step >= max_steps)
+        evaluated = eval_fn is not None and ((epoch + 1) % eval_every == 0 or last)
         if evaluated: log |= eval_fn(task)
         history.append(log)
         rngs = rank_rng_states() if ckpt_dir is not None else None  # a collective: every rank calls it
@@ -248,6 +251,7 @@ def fit(task: Task,  # the objective (holds the model(s))
             atomic_write_json(ckpt_dir/'history.json', history)
         if on_epoch_end is not None: on_epoch_end(epoch, log)
         if stop_requested(): raise _stopped(epoch + 1, epochs, step, ckpt_dir)
+        if max_steps is not None and step >= max_steps: break  # evaluated and saved like a whole epoch
     return history
 
 # %% ../nbs/20_train.ipynb #54a1f0ee

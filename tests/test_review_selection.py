@@ -3,7 +3,6 @@ validation-selected), a validation split can be held out of the labeled images, 
 import json
 import numpy as np
 
-BEST, LAST, VAL = "best epoch on test (paper's protocol)", 'last epoch', 'validation-selected'
 
 
 def _ids(ds): return {ds.samples[j].path for j in ds.indices}
@@ -63,21 +62,21 @@ def test_semi_stage_tracks_the_best_epoch_on_test(tmp_path):
 
 def test_dtm_reports_network_a_with_network_b_beside(tmp_path):
     "DTM's headline is network A (its `student`, the trained network); B, the EMA that sets thresholds, is shown beside."
-    from ssfer_lib.tables import _semi_render, _semi_runs
-    from ssfer_lib.reproduce import PRESETS
+    from ssfer_lib.reproduce import load_preset, plan_grid
+    from ssfer_lib.render import render_table
     dtm = _semi('dtm', tmp_path/'dtm')
     assert dtm['reported_model'] == 'student', 'DTM trains network A (its `student`); B is the EMA that sets thresholds'
     assert dtm['network_names'] == {'student': 'network A', 'teacher': 'network B (EMA)'}
     assert abs(dtm['test/acc'] - dtm['test/student/acc']) < 1e-9 and dtm['best_test/test/acc'] == dtm['best_test/test/student/acc']
-    # in Table 12, DTM's row is network A with B's accuracy beside it
-    c = PRESETS['smoke'] | {'preset': 'smoke', 'root': str(tmp_path/'o')}
-    sr = _semi_runs(c)
-    res = {r.name: _fake(i) for i, r in enumerate(sr[1:])} | {sr[-1].name: dtm}
-    row = _parse(_semi_render(c, res))[1][-1]
-    assert row['algorithm'] == 'dtm' and row['network'] == 'network A' and row['other network'] == 'network B (EMA)'
-    assert row[f'acc (%) · {BEST}'] == f"{100 * dtm['best_test/test/student/acc']:.2f}"
-    assert row[f'other network acc (%) · {BEST}'] == f"{100 * dtm['best_test/test/teacher/acc']:.2f}"
-    assert row[f'other network acc (%) · {LAST}'] == f"{100 * dtm['last/test/teacher/acc']:.2f}"
+    # in Table 12, DTM's row is network A, and network B's accuracy at the same epoch is listed under the table
+    plan = plan_grid(load_preset('smoke'), tmp_path/'o', tables=['table_12'])
+    cell = next(s.cell for s in plan.slots if s.row == 'dtm' and s.cell)
+    md, _ = render_table(plan, plan.tables[0], {c: _fake(i % 10) for i, c in enumerate(plan.grid.cells)} | {cell: dtm}, {}, tmp_path)
+    row = next(l for l in md.split('\n') if l.startswith('| DTM (ours only) |'))
+    assert f"[{100 * dtm['best_test/test/student/acc']:.2f}]" in row, row
+    net = next(l for l in md.split('\n') if l.startswith('- DTM'))
+    assert f"network A (reported) {100 * dtm['best_test/test/student/acc']:.2f}ᵇ" in net, net
+    assert f"network B (EMA) {100 * dtm['best_test/test/teacher/acc']:.2f}ᵇ" in net, net
 
 
 def _fake(i, **kw):
@@ -87,32 +86,21 @@ def _fake(i, **kw):
             'test/acc': 0.10 + i / 100, 'test/macro_f1': 0.10 + i / 100} | kw  # the bare headline must never be shown
 
 
-def _parse(md):
-    lines = [l for l in md.split('\n') if l.startswith('|')]
-    cols = [x.strip() for x in lines[0].strip('|').split('|')]
-    return cols, [dict(zip(cols, [x.strip() for x in l.strip('|').split('|')])) for l in lines[2:]]
-
-
-def test_tables_label_every_number_column_by_its_selection_rule(tmp_path):
-    "Tables 10 and 12: stage-2 and stage-3 rows share columns, each column holds numbers of one selection rule."
-    from ssfer_lib.tables import _abl_render, _abl_runs, _semi_render, _semi_runs
-    from ssfer_lib.reproduce import PRESETS
-    c = PRESETS['smoke'] | {'preset': 'smoke', 'root': str(tmp_path)}
+def test_tables_label_every_number_by_its_selection_rule(tmp_path):
+    "Tables 10 and 12: stage-2 and stage-3 rows are compared on one rule; every number carries its mark, never the bare headline."
+    import re
+    from ssfer_lib.reproduce import load_preset, plan_grid
+    from ssfer_lib.render import render_table
+    plan = plan_grid(load_preset('smoke'), tmp_path, tables=['table_10', 'table_12'])
     two = dict(reported_model='teacher', network_names={'teacher': 'teacher (EMA)', 'student': 'student'})
-    for runs, render in ((_semi_runs(c), _semi_render), (_abl_runs(c), _abl_render)):
-        res = {r.name: _fake(i, **(two if r.notebook == 'semi' else {})) for i, r in enumerate(runs[1:])}
-        res[runs[-1].name] |= {'val_selected/test/acc': 0.70, 'val_selected/test/macro_f1': 0.70}  # one run held out a validation split
-        cols, rows = _parse(render(c, res))
-        numeric = [k for k in cols if '(%)' in k]
-        assert numeric and all(sum(rule in k for rule in (BEST, LAST, VAL)) == 1 for k in numeric), numeric
-        assert any(BEST in k for k in numeric) and any(LAST in k for k in numeric) and any(VAL in k for k in numeric)
-        ranges = {BEST: (80, 100), LAST: (40, 60), VAL: (70, 70)}
-        for k in numeric:
-            if k.startswith('other network'): continue  # the student: no value in these fake metrics
-            lo, hi = next(v for rule, v in ranges.items() if rule in k)
-            vals = [float(r[k]) for r in rows if r[k]]
-            assert vals and all(lo <= v <= hi for v in vals), (k, vals)  # never a number of another rule
-        assert len([r for r in rows if r[f'acc (%) · {BEST}']]) == len(runs) - 1, 'stage-2 and stage-3 rows share the column'
+    res = {c: _fake(i % 10, **(two if '-semi-' in c else {})) for i, c in enumerate(plan.grid.cells)}
+    for spec in plan.tables:
+        md, _ = render_table(plan, spec, res, {}, tmp_path)
+        rows = [l for l in md.split('\n') if l.startswith('| ') and '[ⓟ]' in l]
+        nums = [re.findall(r'\[(\d+\.\d+)\]\([^)]*\) \[ⓟ\]\([^)]*\)(\S)', l) for l in rows]
+        assert all(n for n in nums) and len(rows) >= 2, md  # stage-2 and stage-3 rows both have numbers
+        for v, mark in sum(nums, []):
+            assert mark == 'ᵇ' and 90 <= float(v) <= 100, (spec.name, v, mark)  # best epoch on test, never 'test/acc'
 
 
 def test_mimic_runs_record_last_epoch_and_best_on_test_under_explicit_keys(tmp_path):
