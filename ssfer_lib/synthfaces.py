@@ -12,7 +12,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['CLASSES', 'PARAMS', 'NEUTRAL', 'PROTOTYPES', 'SPLITS', 'GENERATOR_VERSION', 'identity', 'identity_range', 'draw_face',
-           'background', 'synth_face', 'SynthFaces', 'box_iou', 'write_synthfaces']
+           'background', 'synth_face', 'SynthFaces', 'synthfaces_arrays', 'box_iou', 'write_synthfaces']
 
 # %% ../nbs/12_synthfaces.ipynb #d6014c83
 CLASSES = ('Surprise', 'Fear', 'Disgust', 'Happiness', 'Sadness', 'Anger', 'Neutral')
@@ -187,7 +187,25 @@ class SynthFaces:
                     label=np.array([d['label'] for d in items], np.int64), true_label=np.array([d['true_label'] for d in items], np.int64),
                     box=np.array([d['box'] for d in items], np.float32).reshape(-1, 4), identity=np.array([d['identity'] for d in items], np.int64))
 
-# %% ../nbs/12_synthfaces.ipynb #53dd3889
+# %% ../nbs/12_synthfaces.ipynb #296a38d1
+def synthfaces_arrays(faces: SynthFaces,  # the images wanted
+                      cache_dir: str | Path | None = None,  # keep drawn images here, one .npz per option set (None: draw every time)
+                     ) -> dict:
+    "`faces.arrays()`, served from `cache_dir` when a file there holds at least `faces.n` images drawn with the same options."
+    if cache_dir is None: return faces.arrays()
+    from zipfile import BadZipFile
+    from ssfer_lib.core import atomic_write
+    f = faces
+    path = Path(cache_dir)/f'synthfaces-v{GENERATOR_VERSION}-{f.split}-{f.size}px-s{f.seed}-id{f.n_identities}-noise{f.label_noise:g}.npz'
+    try:
+        with np.load(path) as z:
+            if len(z['label']) >= f.n: return {k: z[k][:f.n] for k in z.files}
+    except (OSError, ValueError, KeyError, BadZipFile): pass  # absent, too short or unreadable: draw anew
+    a = f.arrays()
+    atomic_write(path, lambda fh: np.savez(fh, **a))  # concurrent runs may both write: the same content, replaced atomically
+    return a
+
+# %% ../nbs/12_synthfaces.ipynb #2a41444e
 def box_iou(a: np.ndarray,  # [N, 4] xyxy
             b: np.ndarray,  # [N, 4] xyxy
            ) -> np.ndarray:
@@ -197,7 +215,7 @@ def box_iou(a: np.ndarray,  # [N, 4] xyxy
     area = lambda x: (x[:, 2:] - x[:, :2]).prod(1)
     return inter / (area(a) + area(b) - inter)
 
-# %% ../nbs/12_synthfaces.ipynb #1be2a482
+# %% ../nbs/12_synthfaces.ipynb #44f27cc6
 def write_synthfaces(out: str | Path,  # destination folder (created)
                      n_train: int = 5000,  # labeled training images
                      n_test: int = 1000,  # test images (unseen identities)

@@ -125,3 +125,20 @@ def test_noise_flips_exactly_the_fraction_once(data, raf, tmp_path):
     se = semi_data(semi_config('ema_teacher', 'test', data=data, data_root=str(raf) if data == 'rafdb' else None, n_train=n,
                                n_test=7, split_kind='noise', split_seed=3, **{VALUE: 0.25}))
     for d in (ft, se): np.testing.assert_array_equal(d['labeled'].labels, lab.labels); assert flipped(d['labeled'], d['split']) == round(0.25 * n)
+
+
+def test_synthfaces_are_drawn_once_across_runs(tmp_path, monkeypatch):
+    "A second stage (another process in the grid) reads the first one's drawn images instead of drawing them again."
+    import numpy as np
+    from ssfer_lib import synthfaces
+    from ssfer_lib.datasets import stage_datasets
+    kw = dict(n_train=28, n_test=14, n_unlabeled=7, size=16, split_kind='per_class', split_value=2, synth_cache=tmp_path)
+    a = stage_datasets('synthfaces', None, **kw)
+    assert len(list(tmp_path.glob('*.npz'))) == 3  # train, test, unlabeled
+    monkeypatch.setattr(synthfaces, 'synth_face', lambda *a, **k: 1 / 0)  # drawing now fails: only the files can serve
+    b = stage_datasets('synthfaces', None, **kw)
+    for part in ('labeled', 'test', 'unlabeled'):
+        x, y = a[part], b[part]
+        assert len(x) == len(y)
+    assert np.array_equal(a['train'].cache['images'], b['train'].cache['images'])
+    assert [s.label for s in a['train'].samples] == [s.label for s in b['train'].samples]
