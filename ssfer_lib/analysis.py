@@ -36,7 +36,7 @@ __all__ = ['ANALYSIS_PRESETS', 'LR_FIELDS', 'AnalysisConfig', 'KFoldConfig', 'No
            'attacked_model', 'robustness_experiment', 'gwo_finetune_lrs', 'kfold_run_config', 'label_noise_run_config',
            'gwo_run_config', 'robustness_run_config', 'complexity_run_config']
 
-# %% ../nbs/44_analysis.ipynb #51ee67dc
+# %% ../nbs/44_analysis.ipynb #6dfd8ef6
 @dataclasses.dataclass
 class AnalysisConfig:
     "What every analysis experiment takes: the stages' preset and what it changes of them (None: the preset's value)."
@@ -96,6 +96,7 @@ class RobustnessConfig(AnalysisConfig):
 ANALYSIS_PRESETS = {
     'paper': {},
     'demo': dict(n_train=700, n_test=350, epochs=15, semi_epochs=2, budget=6, n_wolves=3, n_images=128),
+    'demo-full': dict(n_train=700, n_test=350, epochs=15, semi_epochs=2, budget=6, n_wolves=3, n_images=128),
     'test': dict(n_train=70, n_test=28, epochs=2, semi_epochs=1, budget=3, n_wolves=3, n_images=8),
 }
 
@@ -109,7 +110,7 @@ def analysis_config(cls,  # KFoldConfig, NoiseConfig, GWOConfig or RobustnessCon
     cfg = update_config(cls(preset=preset), {k: v for k, v in ANALYSIS_PRESETS[preset].items() if k in fields}, f'analysis preset {preset}')
     return update_config(cfg, overrides)
 
-# %% ../nbs/44_analysis.ipynb #3d6ed3a1
+# %% ../nbs/44_analysis.ipynb #e49f769c
 def _given(**kw) -> dict: return {k: v for k, v in kw.items() if v is not None}
 
 def stage_configs(cfg: AnalysisConfig,
@@ -118,7 +119,8 @@ def stage_configs(cfg: AnalysisConfig,
     "Stage 2's and stage 3's configs for an analysis experiment."
     common = _given(data=cfg.data, data_root=cfg.data_root, n_train=cfg.n_train, n_test=cfg.n_test, split_seed=cfg.split_seed,
                     seed=cfg.seed)
-    ft = finetune_config(cfg.preset, **common | _given(epochs=cfg.epochs, init=cfg.init, box_root=cfg.box_root) | finetune_overrides)
+    fixed = dict(small_set_epochs=None) if cfg.epochs is not None else {}  # the analysis' epochs are the epochs, whatever the set size
+    ft = finetune_config(cfg.preset, **common | _given(epochs=cfg.epochs, init=cfg.init, box_root=cfg.box_root) | fixed | finetune_overrides)
     semi = semi_config('ema_teacher', cfg.preset, **common | dict(n_train=ft.n_train, n_test=ft.n_test) | _given(epochs=cfg.semi_epochs))
     return ft, semi
 

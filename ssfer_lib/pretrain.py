@@ -20,7 +20,7 @@ from .mae import MaskedAutoencoder, MAEPretrain, reconstruct, plot_reconstructio
 __all__ = ['PRETRAIN_PRESETS', 'PretrainConfig', 'pretrain_config', 'pretrain_lr', 'build_mae', 'pretrain_run_config',
            'pretrain_data', 'pretrain']
 
-# %% ../nbs/40_pretrain.ipynb #410dac79
+# %% ../nbs/40_pretrain.ipynb #937c29bc
 @dataclasses.dataclass
 class PretrainConfig(StageConfig):
     "Stage-1 (MAE) settings: the shared fields with the paper's pre-training values, and the MAE's own."
@@ -52,8 +52,11 @@ class PretrainConfig(StageConfig):
 
 PRETRAIN_PRESETS = {
     'paper': {},
+    # demo: `make demo`'s 20 minutes on 2 cores (sized with the timing model, outputs/bench); demo-full: twice the epochs
     'demo': dict(vit_size('demo'), n_train=1400, n_unlabeled=2800, decoder_depth=1, decoder_dim=32, decoder_heads=2,
-                 epochs=60, warmup_epochs=5, batch_size=64, blr=4e-3),
+                 epochs=30, warmup_epochs=3, batch_size=64, blr=4e-3),
+    'demo-full': dict(vit_size('demo'), n_train=1400, n_unlabeled=2800, decoder_depth=1, decoder_dim=32, decoder_heads=2,
+                      epochs=60, warmup_epochs=5, batch_size=64, blr=4e-3),
     'test': dict(vit_size('test'), n_train=56, decoder_depth=1, decoder_dim=32, decoder_heads=2, epochs=2,
                  warmup_epochs=1, batch_size=8, blr=1e-3),
 }
