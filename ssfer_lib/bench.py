@@ -19,7 +19,7 @@ from .pretrain import pretrain_config, build_mae
 
 # %% auto #0
 __all__ = ['BENCHMARKS', 'bench_mae', 'bench_facemix', 'machine', 'bench_loader', 'bench_semi', 'run_stage', 'bench_demo',
-           'bench_ddp', 'bench_summary', 'ddp_bench_worker']
+           'bench_summary', 'ddp_bench_worker', 'bench_ddp']
 
 # %% ../nbs/80_bench.ipynb #1278c2a6
 def bench_mae(preset: str = 'demo',  # PRETRAIN_PRESETS entry giving the encoder, decoder and image size
@@ -250,14 +250,7 @@ def bench_demo(out: str | Path | None = 'outputs/bench/demo.json',  # JSON writt
     if out is not None: atomic_write_json(out, res)
     return res
 
-# %% ../nbs/80_bench.ipynb #d59357c1
-def bench_ddp(out: str | Path | None = 'outputs/bench/ddp.json', **kw) -> dict:
-    "Stub: DDP on 2 CPU processes (gloo) vs 1 on the same global batch — filled by the DDP work (issue 16, figure 5)."
-    res = dict(status='not measured yet', figure='DDP 2 processes vs 1, same global batch: scaling efficiency')
-    if out is not None: atomic_write_json(out, res)
-    return res
-
-# %% ../nbs/80_bench.ipynb #246b9936
+# %% ../nbs/80_bench.ipynb #bbaf7240
 def bench_summary(folder: str | Path = 'outputs/bench',  # where the `<name>.json` files are
                  ) -> str:
     "Markdown summary of the benchmark JSON files in `folder` (written to `folder/README.md`); returns it."
@@ -287,16 +280,15 @@ def bench_summary(folder: str | Path = 'outputs/bench',  # where the `<name>.jso
     (f/'README.md').write_text(text)
     return text
 
-# %% ../nbs/80_bench.ipynb #7f20eb05
+# %% ../nbs/80_bench.ipynb #9c8fe70d
 BENCHMARKS = Registry('benchmark')
 BENCHMARKS.register('mae')(bench_mae)
 BENCHMARKS.register('facemix')(bench_facemix)
 BENCHMARKS.register('loader')(bench_loader)
 BENCHMARKS.register('semi')(bench_semi)
-BENCHMARKS.register('ddp')(bench_ddp)
 BENCHMARKS.register('demo')(bench_demo)
 
-# %% ../nbs/80_bench.ipynb #d3347d31
+# %% ../nbs/80_bench.ipynb #623a090b
 def ddp_bench_worker(out: str,  # JSON written by rank 0
                      size: str = 'demo', batch_size: int = 32, steps: int = 8, warmup: int = 2, seed: int = 0):
     "In each process: time `steps` DDP steps (fwd + bwd + all-reduce + AdamW) of a `vit_size(size)` classifier on `batch_size` images."
