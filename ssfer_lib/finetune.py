@@ -66,7 +66,7 @@ FINETUNE_PRESETS = {
     # evaluates every 5th epoch (best-epoch selection sees those). demo-full: 60 epochs for every set, every epoch.
     'demo': dict(vit_size('demo'), n_train=1400, n_test=700, epochs=15, small_set_epochs=60, small_set_size=300, eval_every=5,
                  warmup_epochs=3, lr=1e-3, min_lr=1e-5, warmup_lr=1e-4, crop_scale=(0.5, 1.0), drop_path_rate=0.1),
-    'demo-full': dict(vit_size('demo'), n_train=1400, n_test=700, epochs=60, warmup_epochs=3, small_set_epochs=None, lr=1e-3,
+    'demo-full': dict(vit_size('demo-full'), n_train=1400, n_test=700, epochs=60, warmup_epochs=3, small_set_epochs=None, lr=1e-3,
                       min_lr=1e-5, warmup_lr=1e-4, crop_scale=(0.5, 1.0), drop_path_rate=0.1),
     'test': dict(vit_size('test'), n_train=56, n_test=28, split_value=0.5, epochs=2, warmup_epochs=1, small_set_epochs=None,
                  batch_size=8, lr=1e-3, crop_scale=(0.5, 1.0), split_root=None),

@@ -82,7 +82,7 @@ MSCL_PRESETS = {
     'demo': dict(vit_size('demo'), data='synthfaces', n_train=700, n_test=700, view='weak', crop_scale=(0.5, 1.0),
                  view_bank=6, drop_path_rate=0.0, lr=1e-3, layer_decay=None, batch_size=32, epochs=6, warmup_epochs=1,
                  min_lr=1e-5, warmup_lr=1e-5),
-    'demo-full': dict(vit_size('demo'), data='synthfaces', n_train=1400, n_test=700, view='weak', crop_scale=(0.5, 1.0),
+    'demo-full': dict(vit_size('demo-full'), data='synthfaces', n_train=1400, n_test=700, view='weak', crop_scale=(0.5, 1.0),
                       view_bank=6, drop_path_rate=0.0, lr=1e-3, layer_decay=None, batch_size=32, epochs=20, warmup_epochs=1,
                       min_lr=1e-5, warmup_lr=1e-5),
     'test': dict(vit_size('test'), data='synthfaces', n_train=140, n_test=70, view='weak', crop_scale=(0.5, 1.0),

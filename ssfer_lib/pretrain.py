@@ -55,7 +55,7 @@ PRETRAIN_PRESETS = {
     # demo: `make demo`'s 20 minutes on 2 cores (sized with the timing model, outputs/bench); demo-full: twice the epochs
     'demo': dict(vit_size('demo'), n_train=1400, n_unlabeled=2800, decoder_depth=1, decoder_dim=32, decoder_heads=2,
                  epochs=30, warmup_epochs=3, batch_size=64, blr=4e-3),
-    'demo-full': dict(vit_size('demo'), n_train=1400, n_unlabeled=2800, decoder_depth=1, decoder_dim=32, decoder_heads=2,
+    'demo-full': dict(vit_size('demo-full'), n_train=1400, n_unlabeled=2800, decoder_depth=1, decoder_dim=32, decoder_heads=2,
                       epochs=60, warmup_epochs=5, batch_size=64, blr=4e-3),
     'test': dict(vit_size('test'), n_train=56, decoder_depth=1, decoder_dim=32, decoder_heads=2, epochs=2,
                  warmup_epochs=1, batch_size=8, blr=1e-3),

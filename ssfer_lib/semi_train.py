@@ -88,7 +88,7 @@ SEMI_PRESETS = {
     # epochs over the whole pool (126 steps), μ = 2, the recipes' decays.
     'demo': dict(vit_size('demo'), n_train=1400, n_test=700, n_unlabeled=1400, epochs=3, steps_per_epoch=20,
                  batch_size=32, uratio=1, ema_decay=0.99, crop_scale=(0.5, 1.0)),
-    'demo-full': dict(vit_size('demo'), n_train=1400, n_test=700, n_unlabeled=1400, epochs=6, steps_per_epoch=None,
+    'demo-full': dict(vit_size('demo-full'), n_train=1400, n_test=700, n_unlabeled=1400, epochs=6, steps_per_epoch=None,
                       batch_size=32, uratio=2, crop_scale=(0.5, 1.0)),
     'test': dict(vit_size('test'), n_train=140, n_test=70, n_unlabeled=0, split_kind='per_class', split_value=2,
                  epochs=2, steps_per_epoch=None, batch_size=8, uratio=2, crop_scale=(0.5, 1.0), split_root=None),
