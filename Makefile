@@ -28,7 +28,7 @@ env: $(STAMP)  ## create/refresh the virtualenv and install this checkout (edita
 	  || $(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 
 demo: env  ## the main job: all three stages and every table on SynthFaces (CPU, no downloads)
-	$(BIN)/ssfer reproduce --preset demo
+	$(BIN)/ssfer reproduce --preset demo --jobs 2  # two cells at a time, one thread each (2 cores)
 
 test: env  ## all tests: notebook examples (incl. slow cells) and pytest (incl. slow end-to-end)
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --flags slow --n_workers 2  # 2 notebooks at a time, 1 thread each
