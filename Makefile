@@ -12,7 +12,7 @@ export PYTHONHASHSEED ?= 0
 # this checkout's ssfer_lib wins over whatever the (possibly shared, cached) venv's editable install points at
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help env demo test test-fast nbtest pytest bench export check-sync lab lock clean-env
+.PHONY: help env demo test test-fast nbtest pytest bench export check-sync lab tensorboard lock clean-env
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -53,6 +53,9 @@ check-sync: env  ## fail if ssfer_lib/ differs from what nbs/ export
 
 lab: env  ## open the notebooks in JupyterLab
 	$(BIN)/jupyter lab nbs
+
+tensorboard: env  ## training curves of every run (event files written by fit into each run folder)
+	$(BIN)/tensorboard --logdir outputs/runs
 
 lock:  ## regenerate requirements.txt from requirements.in in a scratch venv
 	rm -rf /tmp/ssfer-lock && $(PYTHON) -m venv /tmp/ssfer-lock && /tmp/ssfer-lock/bin/pip install -q -r requirements.in

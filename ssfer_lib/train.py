@@ -19,8 +19,8 @@ from .core import atomic_write_json, get_device, is_main_process, load_checkpoin
 from .core import Interrupted, stop_on_signal, stop_requested
 
 # %% auto #0
-__all__ = ['Task', 'Supervised', 'build_optimizer', 'build_scheduler', 'train_loader', 'to_device', 'epoch_means', 'fit',
-           'submodule_state']
+__all__ = ['Task', 'Supervised', 'build_optimizer', 'build_scheduler', 'train_loader', 'to_device', 'epoch_means',
+           'tensorboard_scalars', 'fit', 'submodule_state']
 
 # %% ../nbs/20_train.ipynb #fe760d84
 class Task(nn.Module):
@@ -140,7 +140,31 @@ def epoch_means(sums: dict,  # logged scalar -> sum over this process's batches 
     dist.all_reduce(t)  # every rank logs the same values (the keys are the task's outputs: the same on every rank)
     return dict(zip(keys, (t[:-1] / t[-1]).tolist()))
 
-# %% ../nbs/20_train.ipynb #f53900a9
+# %% ../nbs/20_train.ipynb #568b16f9
+def tensorboard_scalars(log: dict,  # one epoch's log, as `fit` returns it
+                        classes: list[str] | None = None,  # class names for `thr/<class>` (None: the class index)
+                       ) -> dict[str, float]:
+    "TensorBoard tag → value of one epoch's log: every number under its key (the epoch is the step), per-class thresholds as `thr/<class>`."
+    out = {}
+    for k, v in log.items():
+        if k == 'epoch' or isinstance(v, bool) or not isinstance(v, (int, float)): continue
+        head, _, c = k.rpartition('/tau_')
+        if head and c.isdigit(): k = f'thr/{classes[int(c)] if classes is not None and int(c) < len(classes) else c}'
+        out[k] = float(v)
+    return out
+
+# %% ../nbs/20_train.ipynb #70acb9e9
+def _curves_writer(ckpt_dir: Path | None,  # the run folder (None: no curves)
+                   start: int,  # epochs already done (a resumed run)
+                  ):
+    "A TensorBoard `SummaryWriter` into the run folder on rank 0, or None; a resumed run hides any events past its checkpoint."
+    if ckpt_dir is None or not is_main_process(): return None
+    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard (~0.1 s): only when a run folder is given
+    # purge_step hides the earlier points from epoch start + 1 on: the epochs a resumed run recomputes (logged before a
+    # crash cut their checkpoint), or all of them when a run starts over in the same folder (resume=False)
+    return SummaryWriter(str(ckpt_dir), purge_step=start + 1)
+
+# %% ../nbs/20_train.ipynb #4aa1e22e
 def _stopped(done: int, epochs: int, step: int, ckpt_dir: Path | None) -> Interrupted:
     "Why and where `fit` stopped on a signal, and what a second call with the same `ckpt_dir` resumes from."
     last = ckpt_dir/'last.pt' if ckpt_dir is not None else None
@@ -171,8 +195,9 @@ def fit(task: Task,  # the objective (holds the model(s))
         progress: bool = True,  # tqdm bars
         extra: dict | None = None,  # plain values saved in every checkpoint (e.g. the config)
         max_steps: int | None = None,  # stop after this many optimizer steps in all (a smoke test of a long schedule)
+        classes: list[str] | None = None,  # class names: per-class thresholds go to TensorBoard as `thr/<class>`
        ) -> list[dict]:
-    "Train `task` for `epochs`; returns the per-epoch log (also in `ckpt_dir/history.json`)."
+    "Train `task` for `epochs`; returns the per-epoch log (also in `ckpt_dir/history.json` and its TensorBoard event files)."
     if not (isinstance(eval_every, int) and eval_every >= 1): raise ValueError(f'eval_every must be an integer >= 1, got {eval_every!r}')
     if not (isinstance(accum_steps, int) and accum_steps >= 1): raise ValueError(f'accum_steps must be an integer >= 1, got {accum_steps!r}')
     device = get_device(device) if isinstance(device, str) else device
@@ -193,68 +218,75 @@ def fit(task: Task,  # the objective (holds the model(s))
         history, best = ck['extra'].get('history', []), ck['extra'].get('best', -math.inf)
         if ck['extra'].get('loader_rng') is not None and getattr(loader, 'generator', None) is not None:
             loader.generator.set_state(ck['extra']['loader_rng'])  # the shuffle continues where it stopped
-    for epoch in range(start, epochs):
-        if hasattr(getattr(loader, 'sampler', None), 'set_epoch'): loader.sampler.set_epoch(epoch)
-        task.train()
-        sums, n = defaultdict(float), 0  # tensors accumulate in float64 on the device: one sync per epoch, same sums as .item()
-        total = steps_per_epoch if steps_per_epoch is not None else (len(loader) if hasattr(loader, '__len__') else None)
-        if total and total < accum_steps:  # the stages' schedulers would count a step that never comes
-            raise ValueError(f'accum_steps={accum_steps} exceeds the {total} batches of an epoch: no optimizer step would run')
-        if total: total -= total % accum_steps  # whole groups: the last total % accum_steps batches are not even loaded
-        bar = tqdm(itertools.islice(_batches(loader, steps_per_epoch), total), total=total, desc=f'epoch {epoch + 1}/{epochs}',
-                   disable=not (progress and is_main_process()), leave=False, mininterval=2)
-        optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(bar):
-            if stop_requested(): raise _stopped(epoch, epochs, step, ckpt_dir)  # the partial epoch is dropped
-            batch = to_device(batch, device)
-            with _grad_sync(net, (i + 1) % accum_steps == 0), _autocast(device, use_amp): out = net(batch)
-            loss = out['loss']
-            if not torch.isfinite(loss):  # counted from 1, as in the log and the progress bar
-                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1}/{epochs}, batch {i + 1}' + (f'/{total}' if total else ''))
-            (scaler.scale(loss / accum_steps) if scaler else loss / accum_steps).backward()
-            if (i + 1) % accum_steps == 0:
-                if scaler: scaler.unscale_(optimizer)
-                if grad_clip: nn.utils.clip_grad_norm_(task.parameters(), grad_clip)
-                if scaler: scaler.step(optimizer); scaler.update()
-                else: optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if scheduler is not None: scheduler.step_update(step)
-                task.after_step(step)
-            for k, v in out.items():
-                if isinstance(v, torch.Tensor) and v.numel() == 1: sums[k] = sums[k] + v.detach().reshape(()).float().to(_acc_dtype(device))
-                elif isinstance(v, (int, float)): sums[k] += float(v)
-            n += 1
-            if i % 10 == 0 and not bar.disable: bar.set_postfix(loss=f'{loss.item():.4f}')
-            if max_steps is not None and step >= max_steps: break
-        optimizer.zero_grad(set_to_none=True)  # a loader without len() may end inside a group: its gradients are dropped
-        if n == 0: raise ValueError('the training loader yielded no batches (is the labeled set smaller than one batch with drop_last?)')
-        if n < accum_steps: raise ValueError(f'accum_steps={accum_steps} exceeds the {n} batches of epoch {epoch + 1}: no optimizer step ran')
-        log = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[-1]['lr'])
-        log |= {f'train/{k}': v for k, v in epoch_means(sums, n, device).items()}
-        log |= task.after_epoch(epoch)
-        last = epoch + 1 == epochs or (max_steps is not None and step >= max_steps)
-        evaluated = eval_fn is not None and ((epoch + 1) % eval_every == 0 or last)
-        if evaluated: log |= eval_fn(task)
-        history.append(log)
-        rngs = rank_rng_states() if ckpt_dir is not None else None  # a collective: every rank calls it
-        if ckpt_dir is not None and is_main_process():
-            if select is not None and (evaluated or eval_fn is None):
-                if select not in log: raise KeyError(f'select={select!r} is not a logged metric; logged: {sorted(log)}')
-                if log[select] > best:
-                    best = log[select]
-                    save_checkpoint(ckpt_dir/'best.pt', epoch=epoch + 1, step=step, model=task, extra=dict(best=best, log=log))
-            gen = getattr(loader, 'generator', None)  # a DataLoader's own shuffling generator, if any
-            save_checkpoint(ckpt_dir/'last.pt', epoch=epoch + 1, step=step, model=task, optimizer=optimizer, rng=rngs,
-                            scheduler=scheduler, scaler=scaler, extra=dict(history=history, best=best, **(extra or {}),
-                                                                           loader_rng=gen.get_state() if gen is not None else None))
-            atomic_write_json(ckpt_dir/'history.json', history)
-        if on_epoch_end is not None: on_epoch_end(epoch, log)
-        if stop_requested(): raise _stopped(epoch + 1, epochs, step, ckpt_dir)
-        if max_steps is not None and step >= max_steps: break  # evaluated and saved like a whole epoch
+    curves = _curves_writer(ckpt_dir, start)
+    try:
+        for epoch in range(start, epochs):
+            if hasattr(getattr(loader, 'sampler', None), 'set_epoch'): loader.sampler.set_epoch(epoch)
+            task.train()
+            sums, n = defaultdict(float), 0  # tensors accumulate in float64 on the device: one sync per epoch, same sums as .item()
+            total = steps_per_epoch if steps_per_epoch is not None else (len(loader) if hasattr(loader, '__len__') else None)
+            if total and total < accum_steps:  # the stages' schedulers would count a step that never comes
+                raise ValueError(f'accum_steps={accum_steps} exceeds the {total} batches of an epoch: no optimizer step would run')
+            if total: total -= total % accum_steps  # whole groups: the last total % accum_steps batches are not even loaded
+            bar = tqdm(itertools.islice(_batches(loader, steps_per_epoch), total), total=total, desc=f'epoch {epoch + 1}/{epochs}',
+                       disable=not (progress and is_main_process()), leave=False, mininterval=2)
+            optimizer.zero_grad(set_to_none=True)
+            for i, batch in enumerate(bar):
+                if stop_requested(): raise _stopped(epoch, epochs, step, ckpt_dir)  # the partial epoch is dropped
+                batch = to_device(batch, device)
+                with _grad_sync(net, (i + 1) % accum_steps == 0), _autocast(device, use_amp): out = net(batch)
+                loss = out['loss']
+                if not torch.isfinite(loss):  # counted from 1, as in the log and the progress bar
+                    raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1}/{epochs}, batch {i + 1}' + (f'/{total}' if total else ''))
+                (scaler.scale(loss / accum_steps) if scaler else loss / accum_steps).backward()
+                if (i + 1) % accum_steps == 0:
+                    if scaler: scaler.unscale_(optimizer)
+                    if grad_clip: nn.utils.clip_grad_norm_(task.parameters(), grad_clip)
+                    if scaler: scaler.step(optimizer); scaler.update()
+                    else: optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    if scheduler is not None: scheduler.step_update(step)
+                    task.after_step(step)
+                for k, v in out.items():
+                    if isinstance(v, torch.Tensor) and v.numel() == 1: sums[k] = sums[k] + v.detach().reshape(()).float().to(_acc_dtype(device))
+                    elif isinstance(v, (int, float)): sums[k] += float(v)
+                n += 1
+                if i % 10 == 0 and not bar.disable: bar.set_postfix(loss=f'{loss.item():.4f}')
+                if max_steps is not None and step >= max_steps: break
+            optimizer.zero_grad(set_to_none=True)  # a loader without len() may end inside a group: its gradients are dropped
+            if n == 0: raise ValueError('the training loader yielded no batches (is the labeled set smaller than one batch with drop_last?)')
+            if n < accum_steps: raise ValueError(f'accum_steps={accum_steps} exceeds the {n} batches of epoch {epoch + 1}: no optimizer step ran')
+            log = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[-1]['lr'])
+            log |= {f'train/{k}': v for k, v in epoch_means(sums, n, device).items()}
+            log |= task.after_epoch(epoch)
+            last = epoch + 1 == epochs or (max_steps is not None and step >= max_steps)
+            evaluated = eval_fn is not None and ((epoch + 1) % eval_every == 0 or last)
+            if evaluated: log |= eval_fn(task)
+            history.append(log)
+            if curves is not None:  # before the checkpoint: a run stopped in between reruns this epoch, and purge_step hides these points
+                for k, v in tensorboard_scalars(log, classes).items(): curves.add_scalar(k, v, epoch + 1)
+                curves.flush()
+            rngs = rank_rng_states() if ckpt_dir is not None else None  # a collective: every rank calls it
+            if ckpt_dir is not None and is_main_process():
+                if select is not None and (evaluated or eval_fn is None):
+                    if select not in log: raise KeyError(f'select={select!r} is not a logged metric; logged: {sorted(log)}')
+                    if log[select] > best:
+                        best = log[select]
+                        save_checkpoint(ckpt_dir/'best.pt', epoch=epoch + 1, step=step, model=task, extra=dict(best=best, log=log, **(extra or {})))
+                gen = getattr(loader, 'generator', None)  # a DataLoader's own shuffling generator, if any
+                save_checkpoint(ckpt_dir/'last.pt', epoch=epoch + 1, step=step, model=task, optimizer=optimizer, rng=rngs,
+                                scheduler=scheduler, scaler=scaler, extra=dict(history=history, best=best, **(extra or {}),
+                                                                               loader_rng=gen.get_state() if gen is not None else None))
+                atomic_write_json(ckpt_dir/'history.json', history)
+            if on_epoch_end is not None: on_epoch_end(epoch, log)
+            if stop_requested(): raise _stopped(epoch + 1, epochs, step, ckpt_dir)
+            if max_steps is not None and step >= max_steps: break  # evaluated and saved like a whole epoch
+    finally:  # flushed every epoch; closing ends its writer thread, also when the run stops or fails
+        if curves is not None: curves.close()
     return history
 
-# %% ../nbs/20_train.ipynb #54a1f0ee
+# %% ../nbs/20_train.ipynb #7be9284b
 def submodule_state(state: dict,  # a task's state dict (e.g. `load_weights('best.pt')['model']`)
                     prefix: str = 'model.',  # the submodule's attribute name plus a dot
                    ) -> dict:
