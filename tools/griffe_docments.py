@@ -31,7 +31,8 @@ def _section(live, names: list[str]) -> str:
 def _add(obj: griffe.Object, section: str):
     if not section: return
     text = (obj.docstring.value.rstrip() + '\n\n' if obj.docstring else '') + section
-    obj.docstring = griffe.Docstring(text, lineno=obj.docstring.lineno if obj.docstring else None, parent=obj, parser='google')
+    obj.docstring = griffe.Docstring(text, lineno=obj.docstring.lineno if obj.docstring else None, parent=obj, parser='google',
+                                   parser_options=dict(warn_missing_types=False))  # untyped parameters are fine
 
 
 class Docments(griffe.Extension):
