@@ -12,7 +12,7 @@ export PYTHONHASHSEED ?= 0
 # this checkout's ssfer_lib wins over whatever the (possibly shared, cached) venv's editable install points at
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help env demo test test-fast nbtest pytest bench export check-sync lab tensorboard lock clean-env
+.PHONY: help env demo test test-fast nbtest pytest bench export check-sync lab tensorboard docs docs-serve readme lock clean-env
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -51,11 +51,22 @@ check-sync: env  ## fail if ssfer_lib/ differs from what nbs/ export
 	  echo "ERROR: ssfer_lib/ is out of sync with nbs/. Edit the notebooks, run 'make export' and commit both."; exit 1; fi
 	@echo "ssfer_lib/ is in sync with nbs/"
 
-lab: env  ## open the notebooks in JupyterLab
+lab: env  ## open the notebooks in JupyterLab (nbs/explore/: the playgrounds)
 	$(BIN)/jupyter lab nbs
 
 tensorboard: env  ## training curves of every run (event files written by fit into each run folder)
 	$(BIN)/tensorboard --logdir outputs/runs
+
+DOCS_EXECUTE ?= 3*
+docs: env  ## the documentation site into _docs/ (notebooks matching DOCS_EXECUTE run first for their figures; none: as stored)
+	$(BIN)/python tools/docs.py --execute '$(DOCS_EXECUTE)'
+
+DOCS_ADDRESS ?= 127.0.0.1:8000
+docs-serve: env  ## build and serve the documentation site on http://$(DOCS_ADDRESS)
+	$(BIN)/python tools/docs.py --execute '$(DOCS_EXECUTE)' --serve $(DOCS_ADDRESS)
+
+readme: env  ## README.md from nbs/index.ipynb (after a merge that edited README.md: python tools/readme.py --import)
+	$(BIN)/python tools/readme.py
 
 lock:  ## regenerate requirements.txt from requirements.in in a scratch venv
 	rm -rf /tmp/ssfer-lock && $(PYTHON) -m venv /tmp/ssfer-lock && /tmp/ssfer-lock/bin/pip install -q -r requirements.in
