@@ -3,7 +3,6 @@ cell the plan names; every number shown equals the metric of the run it links to
 import json, math, re, subprocess
 from pathlib import Path
 import pytest
-from ssfer_lib.tables import read_path
 
 
 def _fake(cell) -> dict:
@@ -58,6 +57,7 @@ def _ours(text: str) -> tuple[float | None, list]:
 
 
 def test_analysis_tables_render_the_numbers_of_the_runs_they_name(tmp_path):
+    from ssfer_lib.tables import read_path
     plan, md = _render(tmp_path, ['table_05', 'table_06', 'table_07', 'table_08', 'table_01', 'table_16'])
     # Table 5: each fold's accuracy, the mean over the folds run, the first fold's labeled images
     head, rows = _grid(md['table_05'])
