@@ -71,7 +71,7 @@ def model_complexity(name: str,  # any timm model name (vit_base_patch16_224, re
     return dict(model=name, img_size=img_size, num_classes=num_classes, params_m=p['params'] / 1e6,
                 params_leaf_m=p['params_leaf'] / 1e6, macs_g=linear_macs(model, x) / 1e9, flops_g=torch_flops(model, x) / 1e9)
 
-# %% ../nbs/22_complexity.ipynb #6347f7db
+# %% ../nbs/22_complexity.ipynb #0f128d60
 TABLE6_MODELS = ('mobilenetv2_100', 'mobilenetv3_large_100', 'resnet18', 'resnet50', 'vgg11', 'vgg13', 'vit_tiny_patch16_224',
                  'vit_small_patch16_224', 'vit_base_patch16_224', 'vit_large_patch16_224')  # SSFER Table 6's baselines in timm
 
@@ -82,6 +82,7 @@ class ComplexityConfig:
     img_size: int = 224  # SSFER §4.2: faces resized to 224 × 224
     num_classes: int = 7  # RAF-DB's classes (Table 6 is on RAF-DB)
     seed: int = 0  # unused by the counts; every run records one
+    ours: dict | None = None  # `create_model` arguments (model, img_size, architecture) of one more model, counted as 'ours'
 
 def complexity_experiment(cfg: ComplexityConfig,  # the models and sizes
                           out_dir: str | Path,  # run folder: metrics.json, complexity.png
@@ -92,6 +93,9 @@ def complexity_experiment(cfg: ComplexityConfig,  # the models and sizes
     if unknown: raise KeyError(f'unknown timm model {unknown[0]!r}')  # before the run folder exists
     out, prov, _ = start_run(cfg, out_dir)
     rows = [model_complexity(m, cfg.img_size, cfg.num_classes) for m in cfg.models]
+    if cfg.ours:  # the stages' own ViT (its size in VIT_SIZES), at its own input size
+        o = dict(cfg.ours)
+        rows.append(model_complexity(o.pop('model'), o.pop('img_size', cfg.img_size), cfg.num_classes, **o) | dict(model='ours', timm=cfg.ours['model']))
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for r in rows:
         ax.scatter(r['params_m'], r['macs_g']); ax.annotate(r['model'], (r['params_m'], r['macs_g']), fontsize=6)

@@ -11,8 +11,9 @@ import yaml
 from .core import Registry
 
 # %% auto #0
-__all__ = ['TABLES', 'FACEMIX', 'SSFER', 'PAPER_TABLES', 'label_code', 'split_params', 'label_text', 'Step', 'Row', 'TableSpec',
-           'ft', 'semi', 'mscl', 'paper_tables', 'paper_value', 'table_spec']
+__all__ = ['TABLES', 'FACEMIX', 'SSFER', 'PAPER_TABLES', 'TIMM_NAMES', 'COUNT', 'label_code', 'split_params', 'label_text',
+           'Step', 'Field', 'Row', 'TableSpec', 'read_path', 'ft', 'semi', 'mscl', 'paper_tables', 'paper_value',
+           'kfold_rows', 'table_spec']
 
 # %% ../nbs/51_tables.ipynb #d5b73784
 _KINDS = {'ratio': 'r', 'per_class': 'pc', 'total': 't'}
@@ -41,7 +42,7 @@ def label_text(code: str | None) -> str:
     if s['split_kind'] == 'ratio': return 'all labels' if s['split_value'] == 1 else f"{100 * s['split_value']:g}%"
     return f"{s['split_value']} / class" if s['split_kind'] == 'per_class' else f"{s['split_value']} labels"
 
-# %% ../nbs/51_tables.ipynb #1ec0723d
+# %% ../nbs/51_tables.ipynb #8eee69ff
 @dataclass(frozen=True)
 class Step:
     "One experiment notebook in a row's chain: its fixed parameters and where its `init` comes from."
@@ -50,6 +51,18 @@ class Step:
     init: str | None = None  # 'mae', 'prev', 'scratch', 'timm:<name>' or a name in the preset's `inits`; None: not set
     split: bool = True  # takes the column's label setting (split_kind, split_value); MIMIC trains on all labels
     seeded: bool = True  # takes the cell's seed
+    data: bool = True  # takes the dataset (data, data_root); counting a model's parameters reads none
+    init_as: str = 'init'  # the notebook parameter the resolved init goes to (robustness: 'checkpoint')
+
+@dataclass(frozen=True)
+class Field:
+    "One number of a row whose column is not the table's metric at a dataset and label setting: a path into a run's metrics."
+    path: str = ''  # '/'-separated path into metrics.json's metrics: 'mean_acc', 'acc/focused/0.02', 'folds/fold=2/acc'
+    params: dict = field(default_factory=dict, hash=False)  # parameters of the chain's last step for this number (Table 8: noise)
+    steps: tuple | None = None  # a chain of its own (Table 6: the parameter count); None: the row's steps
+    scale: float = 100  # shown = value × scale: 100 turns a fraction into %, 1 keeps counts, millions, G
+    decimals: int = 2
+    minus: tuple = ()  # (a, b): our number in the row's column a minus ours in column b (Table 8's decline); no run
 
 @dataclass(frozen=True)
 class Row:
@@ -57,11 +70,14 @@ class Row:
     key: str  # the row key in paper/tables.yaml (or a key of ours for `ours_only` rows)
     steps: tuple = ()  # the chain of `Step`s; the last step's run is the row's cell
     label: str | None = None  # None: the paper's label
-    needs: str | None = None  # the missing feature that keeps this row from running
+    needs: str | None = None  # the missing feature that keeps this row's chain from running
     ours_only: bool = False  # a row the paper does not have
     labels: str | None = None  # the row's own label setting, where the paper varies labels by row (Table 2)
     multi_seed: bool = False  # runs every seed the preset gives its notebook (else only the first)
     reported: bool = False  # the paper copied this row from another paper: its value is shown as reported
+    dataset: str | None = None  # the row's own dataset, where the paper varies datasets by row (Tables 1, 5–9)
+    fields: dict = field(default_factory=dict, hash=False)  # column key → `Field`: numbers not at a dataset column
+    metric: str | None = None  # this row's metrics.json key at the dataset columns (None: the table's; Table 16)
 
 @dataclass(frozen=True)
 class TableSpec:
@@ -78,10 +94,27 @@ class TableSpec:
     data_needs: dict = field(default_factory=dict, hash=False)  # dataset → what running it on real data needs
     note: str = ''  # how to read it (our choices)
     figures: tuple = ()  # table figures the renderer draws (e.g. 'tsne')
+    our_columns: tuple = ()  # (key, header): columns of ours beside the paper's, filled by the rows' fields
 
 TABLES = Registry('table')
 
-# %% ../nbs/51_tables.ipynb #7115ab01
+# %% ../nbs/51_tables.ipynb #e8ea4a2e
+def read_path(m: dict,  # a run's metrics (metrics.json `metrics`)
+              path: str,  # '/'-separated: keys ('acc/focused/0.02'), list positions ('fold_acc/0'), `k=v` items ('folds/fold=2/acc')
+             ) -> tuple:
+    "`(value, the dict or list holding it)` at `path`; (None, None) when the run did not record it. A key holding '/' is read whole first."
+    if isinstance(m, dict) and path in m: return m[path], m
+    head, _, rest = path.partition('/')
+    if isinstance(m, dict): x = m.get(head)
+    elif isinstance(m, list) and '=' in head:
+        k, v = head.split('=', 1)
+        x = next((d for d in m if isinstance(d, dict) and str(d.get(k)) == v), None)
+    elif isinstance(m, list): x = m[int(head)] if head.lstrip('-').isdigit() and -len(m) <= int(head) < len(m) else None
+    else: return None, None
+    if x is None: return None, None
+    return (x, m) if not rest else read_path(x, rest)
+
+# %% ../nbs/51_tables.ipynb #04f43465
 FACEMIX = dict(mix='facemix', kappa='iou', facemix_loss='L4')  # SSFER's stage 2 (§3.4; κ = IoU, Table 14; loss L4, Table 15)
 
 def ft(mix: str = 'none', init: str = 'mae', **params) -> Step:
@@ -98,7 +131,7 @@ def mscl(method: str, proj: str = 'dense', init: str = 'mim', **params) -> tuple
 
 SSFER = semi('ema_teacher')  # the full pipeline: MAE → FaceMix → EMA teacher
 
-# %% ../nbs/51_tables.ipynb #71c723d5
+# %% ../nbs/51_tables.ipynb #3284af87
 PAPER_TABLES = Path(__file__).resolve().parent.parent/'paper'/'tables.yaml' if '__file__' in globals() else Path('../paper/tables.yaml').resolve()
 
 @lru_cache(maxsize=4)
@@ -112,29 +145,84 @@ def paper_value(table: str, row: str, column: str, path: str | Path = PAPER_TABL
     r = next((r for r in t['rows'] if r['key'] == row), None) if t else None
     return None if r is None else r['values'].get(column)
 
-# %% ../nbs/51_tables.ipynb #451b85cf
-_ANALYSIS = 'the analysis issue ({})'
-_SSL = 'the SSL baselines issue'
+# %% ../nbs/51_tables.ipynb #89eebf9f
+TIMM_NAMES = {'mobilenetv2': 'mobilenetv2_100', 'mobilenetv3': 'mobilenetv3_large_100', 'resnet-18': 'resnet18',
+              'resnet-50': 'resnet50', 'vgg11': 'vgg11', 'vgg13': 'vgg13', 'vit-tiny': 'vit_tiny_patch16_224',
+              'vit-small': 'vit_small_patch16_224', 'vit-base': 'vit_base_patch16_224', 'vit-large': 'vit_large_patch16_224'}
+_SSL_ROWS = {'pi-model': 'pi_model', 'pseudo-label': 'pseudo_label', 'mean-teacher': 'mean_teacher', 'vat': 'vat', 'uda': 'uda',
+             'mixmatch': 'mixmatch', 'remixmatch': 'remixmatch', 'fixmatch': 'fixmatch', 'flexmatch': 'flexmatch',
+             'comatch': 'comatch', 'ccssl': 'ccssl'}  # Table 3's row → our SSL_ALGORITHMS name
+COUNT = lambda **f: Field(scale=1, decimals=0, **f)  # a count: images, labels, classes
+_STATS = (Step('dataset_stats', split=False, seeded=False),)
+_KFOLD = {f'fold{i}': Field(f'folds/fold={i}/acc') for i in range(1, 6)} | {
+    'average': Field('mean_acc'), 'labels': COUNT(path='folds/0/n_labeled')}  # the first fold's labeled images
+_COUNTS = (Step('complexity', split=False, seeded=False, data=False),)  # the preset's ViT is its model 'ours'
+_ROBUST = SSFER + (Step('robustness', init='prev', init_as='checkpoint'),)  # the SSFER run's best.pt, attacked
+
+def _counts(model: str) -> dict:
+    "Params and FLOPs of one model of the complexity cell."
+    return {k: Field(f'models/{model}/{m}', steps=_COUNTS, scale=1) for k, m in
+            (('params', 'params_leaf_m'), ('flops', 'macs_g'), ('flops_torch', 'flops_g'))}
+
+def kfold_rows(prefix: str,  # the paper's row-key prefix: 'rafdb', 'ferplus', 'gender', 'age'
+               dataset: str,  # the rows' dataset ('adience-age': Adience's own folds of that task)
+               baselines: tuple,  # the paper's baseline rows (keys of TIMM_NAMES)
+               **params,  # more `kfold.ipynb` parameters (Adience: task)
+              ) -> tuple:
+    "Tables 5 and 9: one k-fold run per row, the baselines on all labels, SSFER at 5, 10 and 25 %."
+    base = tuple(Row(f'{prefix}-{k}', (Step('kfold', dict(method=TIMM_NAMES[k], baseline_init='timm', **params)),),
+                     dataset=dataset, labels='r1', fields=_KFOLD) for k in baselines)
+    return base + tuple(Row(f'{prefix}-ssfer-{p}pct', (Step('kfold', dict(method='ssfer', **params), init='mae'),),
+                            dataset=dataset, labels=f'r{p / 100:g}', fields=_KFOLD) for p in (5, 10, 25))
+
+_T7 = [(ds, p, r) for r in ('focused', 'unfocused') for ds, p in (('rafdb', 25), ('ferplus', 25), ('affectnet7', 10), ('affectnet8', 10))]
+_NOISE = {f'noise{n}': Field('test/acc', params=dict(noise=n / 100)) for n in (0, 10, 20, 30)} | {
+    'decline': Field(minus=('noise0', 'noise30')), 'labels': COUNT(path='n_labeled', params=dict(noise=0.0))}
 _SPECS = [
-    TableSpec('ssfer-t01', 'table_01', 'Dataset sizes', needs='a dataset-statistics cell (`ssfer data check` counts) in the grid'),
+    TableSpec('ssfer-t01', 'table_01', 'Dataset sizes', note='The images our stages read (a stand-in: its own sizes at the preset).',
+              rows=tuple(Row(k, _STATS, dataset=k, fields=dict(train=COUNT(path='n_train'), test=COUNT(path='n_test'),
+                                                              classes=COUNT(path='n_classes')))
+                         for k in ('rafdb', 'affectnet7', 'affectnet8', 'ferplus'))),
     TableSpec('ssfer-t02', 'table_02', 'SSFER vs fully supervised methods',
               rows=tuple(Row(f'ssfer-{p}pct', SSFER, labels=f'r{p / 100:g}') for p in (1, 5, 10, 25)),
               note='Reported rows use all labels; SSFER-N% runs the full pipeline (MAE → FaceMix → EMA teacher) on N% of them.'),
     TableSpec('ssfer-t03', 'table_03', 'SSFER vs general semi-supervised methods (labels per class)',
-              rows=tuple(Row(k, needs=_SSL, reported=True) for k in ('pi-model', 'pseudo-label', 'mean-teacher', 'vat', 'uda',
-                                                                  'mixmatch', 'remixmatch', 'flexmatch', 'comatch', 'ccssl'))
-                   + (Row('fixmatch', semi('fixmatch'), reported=True), Row('ssfer', SSFER)),
-              note='FixMatch (reported from [70, 71]) runs here as stage 3 after SSFER\'s stage 2 (our choice).'),
+              rows=tuple(Row(k, semi(a), reported=True) for k, a in _SSL_ROWS.items()) + (Row('ssfer', SSFER),),
+              note="Each method's paper value is reported from [70, 71]; ours runs it as stage 3 after SSFER's stage 2 (our choice)."),
     TableSpec('ssfer-t04', 'table_04', 'SSFER vs semi-supervised FER methods (labels in total)', rows=(Row('ssfer', SSFER),),
               data_needs={'ferplus7': "a 7-class FERPlus option in the stage configs (the reader has `num_classes`)"}),
-    TableSpec('ssfer-t05', 'table_05', 'K-fold validation', needs=_ANALYSIS.format('k-fold cross-validation')),
-    TableSpec('ssfer-t06', 'table_06', 'Parameters and FLOPs', needs=_ANALYSIS.format('params/FLOPs and the timm baselines')),
-    TableSpec('ssfer-t07', 'table_07', 'FGSM attack on focused regions', needs=_ANALYSIS.format('Grad-CAM + FGSM')),
-    TableSpec('ssfer-t08', 'table_08', 'Label noise', needs=_ANALYSIS.format('label noise')),
-    TableSpec('ssfer-t09', 'table_09', 'Gender and age (Adience)', needs=_ANALYSIS.format('Adience k-fold')),
+    TableSpec('ssfer-t05', 'table_05', 'K-fold validation',
+              rows=sum((kfold_rows(d, d, ('vit-base', 'vit-large', 'resnet-50', 'vgg13', 'mobilenetv3')) for d in ('rafdb', 'ferplus')), ()),
+              note='Each row: one k-fold run; Average: the mean over the folds it ran; Labels: labeled images of its first fold. '
+                   'The preset shapes the ViT baselines as its own ViT.'),
+    TableSpec('ssfer-t06', 'table_06', 'Parameters and FLOPs', our_columns=(('flops_torch', 'FLOPs, torch (G)'),),
+              rows=tuple(Row(k, fields=_counts(TIMM_NAMES[k]) | dict(labels=COUNT(path='n_labeled')),
+                             needs='a fully supervised timm-baseline run on the whole training set (kfold.ipynb trains them per fold)')
+                         for k in ('mobilenetv2', 'mobilenetv3', 'resnet-18', 'resnet-50', 'vgg11', 'vgg13',
+                                   'vit-tiny', 'vit-small', 'vit-base', 'vit-large'))
+                   + tuple(Row(f'ssfer-{p}pct', SSFER, labels=f'r{p / 100:g}', dataset='rafdb',
+                               fields=_counts('ours') | dict(labels=COUNT(path='n_labeled'))) for p in (5, 10, 25)),
+              note="Params: leaf-module parameters (M) and FLOPs: multiply-adds of the linear and conv layers (G), the paper's "
+                   "counts; FLOPs, torch: torch's counter (2 per multiply-add, attention included). Baselines at 224 px; "
+                   "SSFER: our ViT at the preset's size."),
+    TableSpec('ssfer-t07', 'table_07', 'FGSM attack on focused regions',
+              rows=tuple(Row(f'{r}-ssfer-{p}pct-{ds}', _ROBUST, dataset=ds, labels=f'r{p / 100:g}',
+                             fields={c['key']: Field(f"acc/{r}/{c['epsilon']:g}") for c in paper_tables()['ssfer-t07']['columns']})
+                         for ds, p, r in _T7),
+              note='One run per SSFER checkpoint attacks both regions (ε in pixel units of [0, 1]).'),
+    TableSpec('ssfer-t08', 'table_08', 'Label noise',
+              rows=tuple(Row(f'{d}-ssfer-{p}pct', (Step('label_noise', init='mae'),), dataset=d, labels=f'r{p / 100:g}', fields=_NOISE)
+                         for d in ('rafdb', 'ferplus') for p in (5, 10, 25)),
+              note='One run per noise rate (SSFER, stages 2 and 3, on the noisy labels); Decline: ours at 0 % minus ours at 30 %.'),
+    TableSpec('ssfer-t09', 'table_09', 'Gender and age (Adience)',
+              rows=sum((kfold_rows(t, f'adience-{t}', ('mobilenetv2', 'mobilenetv3', 'resnet-18', 'resnet-50', 'vgg11', 'vgg13',
+                                                       'vit-tiny', 'vit-small', 'vit-base', 'vit-large'), task=t)
+                        for t in ('gender', 'age')), ()),
+              note="Adience's own five folds; each row one k-fold run."),
 ]
 
-# %% ../nbs/51_tables.ipynb #a1af7708
+# %% ../nbs/51_tables.ipynb #c325c5cb
+_GWO = (Step('gwo', init='mae'),)  # stage 2's learning rates searched by GWO, then tested with and without
 _SPECS += [
     TableSpec('ssfer-t10', 'table_10', 'Ablation: components',
               rows=(Row('baseline', (ft('none'),)), Row('facemix', (ft(**FACEMIX),)),
@@ -161,10 +249,14 @@ _SPECS += [
               rows=tuple(Row(k, (ft(**FACEMIX | dict(kappa=k)),)) for k in ('psnr', 'ssim', 'fsim', 'iou'))),
     TableSpec('ssfer-t15', 'table_15', 'Ablation: FaceMix loss',
               rows=tuple(Row(f'l{i}', (ft(**FACEMIX | dict(facemix_loss=f'L{i}')),)) for i in (1, 2, 3, 4))),
-    TableSpec('ssfer-t16', 'table_16', 'Ablation: GWO hyper-parameters', needs=_ANALYSIS.format('GWO search')),
+    TableSpec('ssfer-t16', 'table_16', 'Ablation: GWO hyper-parameters',
+              rows=(Row('ssfer', _GWO, label="SSFER's stage 2, the preset's learning rates", metric='preset/test/acc'),
+                    Row('ssfer-gwo', _GWO, label="SSFER's stage 2, GWO-tuned learning rates", metric='gwo/test/acc')),
+              note="One GWO run per column gives both rows: stage 2 with the preset's learning rates and with the searched ones "
+                   "(the search scores a validation split held out of the labels); the paper's SSFER row is the full pipeline."),
 ]
 
-# %% ../nbs/51_tables.ipynb #2af40acc
+# %% ../nbs/51_tables.ipynb #03e353b6
 _MSCL_ROWS = (Row('ce+mix', mscl('ce+mix'), label='CE + mixing (views mixed, no contrastive term)', ours_only=True, multi_seed=True),
               Row('facemix', mscl('facemix'), label='FaceMix', ours_only=True),
               Row('facemix+mscl', mscl('facemix+mscl'), label='FaceMix + MSCL', ours_only=True))
@@ -194,7 +286,7 @@ _SPECS += [
     TableSpec('dtm-t02', 'dtm_02', 'ABAW5 leaderboard', needs='the ABAW5 test set (labels not public) and an EfficientNet-B7 ensemble'),
 ]
 
-# %% ../nbs/51_tables.ipynb #85e913d6
+# %% ../nbs/51_tables.ipynb #9821b995
 _SCRATCH = (Row('scratch', (ft('none', init='scratch'),), label='ViT from scratch, no mixing', ours_only=True),)
 _SPECS += [
     TableSpec('demo', 'demo', 'Fine-tuning from scratch at two label ratios', rows=_SCRATCH, columns=(('', 'r0.1'), ('', 'r1')),

@@ -210,7 +210,7 @@ def test_dry_run_of_the_paper_preset_plans_the_full_grid_with_gpu_hours(tmp_path
     assert n > 300, out[:2000]  # every dataset and label setting of the paper's columns
     assert re.search(r'to run: \d+ cell\(s\), estimated .* = [\d.]+ GPU-hours', out), out[-3000:]
     assert 'paper-pretrain_mae-affectnet' in out and 'paper-pretrain_mae-affectnet8' not in out  # AffectNet-7 and -8 share one MAE
-    assert 'table_05' in out
+    assert 'paper-kfold-rafdb-r0.05-ssfer-mae-s0' in out and 'paper-gwo-affectnet8-r0.01-mae-s0' in out  # the analysis tables
     assert not (tmp_path/'runs').exists(), 'a dry run writes nothing'
 
 
