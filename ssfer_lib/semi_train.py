@@ -268,7 +268,7 @@ def check_ranks_agree(module: torch.nn.Module) -> None:
     bad = [k for i, k in enumerate(sorted(st) * 2) if lo[i] != hi[i]]
     if bad: raise RuntimeError(f'DDP ranks disagree after training on {sorted(set(bad))[:5]} (the teacher/thresholds drifted)')
 
-# %% ../nbs/42_semi_train.ipynb #7424f71d
+# %% ../nbs/42_semi_train.ipynb #8546096f
 def semi_train(cfg: SemiConfig,  # the run's settings
                out_dir: str | Path,  # run folder: checkpoints, history, figures, metrics.json
                progress: bool = True,  # tqdm bars
@@ -289,7 +289,8 @@ def semi_train(cfg: SemiConfig,  # the run's settings
     task = cls(model, K, **kw)
     main = reported_network(cfg.algorithm, list(task.eval_models()))
     init = evaluate_models({'init': model}, L['test'], K, device, cfg.vote_window)['init']
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.opt, tuple(cfg.betas), cfg.layer_decay, task=task)  # + heads of the task
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.opt, tuple(cfg.betas), cfg.layer_decay, task=task,  # + heads of the task
+                          fused=cfg.fused_optimizer, device=device)
     if cfg.sched not in ('cosine', 'fixed'): raise ValueError(f"sched must be 'cosine' or 'fixed', got {cfg.sched!r}")
     sched = build_scheduler(opt, cfg.epochs, steps, cfg.warmup_epochs, cfg.min_lr, cfg.warmup_lr) if cfg.sched == 'cosine' else None
     scalars = lambda r: {k: v for k, v in r.items() if not isinstance(v, list) and k != 'n'}
@@ -299,7 +300,7 @@ def semi_train(cfg: SemiConfig,  # the run's settings
     history = fit(task, L['train'], optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, steps_per_epoch=cfg.steps_per_epoch,
                   device=device, amp=cfg.amp, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn, eval_every=cfg.eval_every, ckpt_dir=out, progress=progress,
                   select={'best_test': f'test/{main}/acc', 'val_selected': f'val/{main}/acc', 'last': None}[rule],
-                  extra=dict(config=dataclasses.asdict(cfg)))
+                  compile=cfg.compile, channels_last=cfg.channels_last, extra=dict(config=dataclasses.asdict(cfg)))
     check_ranks_agree(task)  # DDP averaged the gradients: student, teacher (EMA) and DTM thresholds are the same everywhere
     if not is_main_process(): return {}  # rank 0 evaluates and writes
     if rule != 'last': task.load_state_dict(load_weights(out/'best.pt')['model'])  # every network at the picked epoch
