@@ -98,9 +98,11 @@ def test_stage_configs_carry_the_options():
         assert (c.compile, c.channels_last, c.fused_optimizer) == (False, False, None), cls
 
 
-@pytest.mark.parametrize('strong', [False, True])
-def test_training_views_equal_the_v2_pipeline(strong):
-    "The dataset's weak/strong views (CropView) give the v2 pipeline's pixels for the same seeds."
+@pytest.mark.parametrize('strong,direct', [(False, True), (True, True), (False, False)])
+def test_training_views_equal_the_v2_pipeline(strong, direct, monkeypatch):
+    "The dataset's weak/strong views (CropView) give the v2 pipeline's pixels for the same seeds (direct uint8 resize or torchvision's kernel)."
+    import ssfer_lib.transforms
+    monkeypatch.setattr(ssfer_lib.transforms, '_UINT8_RESIZE', direct and ssfer_lib.transforms._UINT8_RESIZE)
     from torchvision import tv_tensors
     from torchvision.transforms import v2
     from ssfer_lib.transforms import NORMS, RandAugmentV2, as_box, normalize, strong_view, unbox, weak_view
