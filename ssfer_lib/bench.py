@@ -300,7 +300,7 @@ def bench_gpu_options(out: str | Path | None = 'outputs/bench/gpu_options.json',
     if out is not None: atomic_write_json(out, res)
     return res
 
-# %% ../nbs/80_bench.ipynb #6f5d37a7
+# %% ../nbs/80_bench.ipynb #cd667564
 def bench_summary(folder: str | Path = 'outputs/bench',  # where the `<name>.json` files are
                  ) -> str:
     "Markdown summary of the benchmark JSON files in `folder` (written to `folder/README.md`); returns it."
@@ -319,9 +319,9 @@ def bench_summary(folder: str | Path = 'outputs/bench',  # where the `<name>.jso
              ('4 EMA-teacher step (7:1) ÷ supervised step', g('semi', 'ema_over_supervised'), f"< {fmt(g('semi', 'image_steps_ratio'))} image-steps"),
              ('5 DDP 2 processes ÷ 1 (efficiency)', g('ddp', 'efficiency'), '—'),
              ('6 demo wall time ÷ compute floor', g('demo', 'ratio'), '≤ 1.3'),
-             ('7a torch.compile ÷ eager step, demo ViT (CPU)', g('gpu_options', 'compiled_over_eager'), f"— (compiling: {fmt(g('gpu_options', 'compile_s'))} s)"),
+             ('7a torch.compile ÷ eager step, demo ViT (CPU)', g('gpu_options', 'compiled_over_eager'), f"— (compiling took {g('gpu_options', 'compile_s'):.0f} s)" if g('gpu_options', 'compile_s') else '—'),
              ('7b fused ÷ foreach AdamW step (CPU)', g('gpu_options', 'fused_over_foreach_adamw'), '—')]
-    rows += [(f'7c channels-last ÷ default step, {k} (CPU)', v, '—') for k, v in (g('gpu_options', 'channels_last_over_default') or {}).items()]
+    px = g('gpu_options', 'setup', 'cnn_img'); rows += [(f'7c channels-last ÷ default step, {"demo ViT" if k == "vit" else f"{k} at {px} px"} (CPU)', v, '—') for k, v in (g('gpu_options', 'channels_last_over_default') or {}).items()]
     rows += [('7d bf16 autocast ÷ fp32 step, demo ViT (CPU)', g('gpu_options', 'bf16_autocast_over_fp32'), '—')]
     m = next((v['machine'] for v in r.values() if isinstance(v, dict) and 'machine' in v), machine())
     md = ['# Benchmarks', '', f"Written by `ssfer bench` (`ssfer_lib.bench.bench_summary`). Machine: {m['cores']} cores, {m['cpu']}, "
