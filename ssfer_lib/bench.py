@@ -19,7 +19,7 @@ from .pretrain import pretrain_config, build_mae
 
 # %% auto #0
 __all__ = ['BENCHMARKS', 'bench_mae', 'bench_facemix', 'machine', 'bench_loader', 'bench_semi', 'run_stage', 'bench_demo',
-           'bench_summary', 'ddp_bench_worker', 'bench_ddp']
+           'bench_gpu_options', 'bench_summary', 'ddp_bench_worker', 'bench_ddp']
 
 # %% ../nbs/80_bench.ipynb #1278c2a6
 def bench_mae(preset: str = 'demo',  # PRETRAIN_PRESETS entry giving the encoder, decoder and image size
@@ -120,13 +120,15 @@ def bench_facemix(out: str | Path | None = 'outputs/bench/facemix.json',  # JSON
         return res
     finally: torch.set_num_threads(old_threads)
 
-# %% ../nbs/80_bench.ipynb #82e713a1
+# %% ../nbs/80_bench.ipynb #14361d56
 def machine() -> dict:
-    "The machine a benchmark ran on: cores, CPU model, torch version and threads."
+    "The machine a benchmark ran on: cores, CPU model and the vector extensions that set fp32/bf16 speed, torch version and threads."
     import os
-    cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')),
-               platform.processor()) if Path('/proc/cpuinfo').exists() else platform.processor()
+    info = Path('/proc/cpuinfo').read_text().splitlines() if Path('/proc/cpuinfo').exists() else []
+    cpu = next((l.split(':', 1)[1].strip() for l in info if l.startswith('model name')), platform.processor())
+    flags = next((l.split(':', 1)[1].split() for l in info if l.startswith('flags')), [])
     return dict(cores=os.cpu_count(), cpu=cpu, torch=torch.__version__, threads=torch.get_num_threads(),
+                cpu_flags=sorted(f for f in set(flags) if f.startswith(('avx2', 'avx512f', 'avx512_bf16', 'amx'))),
                 cuda=torch.cuda.is_available(), python=platform.python_version(), host=platform.node(), time=now())
 
 # %% ../nbs/80_bench.ipynb #7dc791dc
@@ -148,7 +150,7 @@ def _bare_step(size: str, batch_size: int, seed: int = 0) -> tuple[Callable, tor
     def step(): opt.zero_grad(set_to_none=True); sup(b)['loss'].backward(); opt.step()
     return step, model
 
-# %% ../nbs/80_bench.ipynb #4ff9ccc1
+# %% ../nbs/80_bench.ipynb #e25f8f8a
 def bench_loader(out: str | Path | None = 'outputs/bench/loader.json',  # JSON written (None: not written)
                  preset: str = 'demo',  # fine-tuning preset: data size, image size
                  batch_size: int = 32,
@@ -170,11 +172,12 @@ def bench_loader(out: str | Path | None = 'outputs/bench/loader.json',  # JSON w
             try: next(it[0])
             except StopIteration: it[0] = iter(loader); next(it[0])
         step, _ = _bare_step(preset, batch_size)
-        med = _median_times(dict(loader=fetch, step=step), steps, warmup, wall=True)
+        med = _median_times(dict(loader=fetch, step=step), steps, warmup, wall=num_workers > 0)  # workers: their CPU time is not ours
     finally: torch.set_num_threads(old)
     res = dict(loader_over_step_images_per_s=med['step'] / med['loader'], loader_share_of_step=med['loader'] / med['step'],
                target_share=0.10, loader_ms_per_batch=1000 * med['loader'], step_ms_per_batch=1000 * med['step'],
                num_workers=num_workers, batch_size=batch_size, preset=preset, steps=steps, warmup=warmup, machine=machine(),
+               clock='wall clock' if num_workers > 0 else 'process CPU time (one process, one thread: the work itself, not the neighbours)',
                cache='SynthFaces are generated in memory (always cached); the decoded-image cache of read datasets is not timed')
     res['ok'] = res['loader_share_of_step'] <= res['target_share']
     if out is not None: atomic_write_json(out, res)
@@ -250,7 +253,54 @@ def bench_demo(out: str | Path | None = 'outputs/bench/demo.json',  # JSON writt
     if out is not None: atomic_write_json(out, res)
     return res
 
-# %% ../nbs/80_bench.ipynb #bbaf7240
+# %% ../nbs/80_bench.ipynb #3dbdfb60
+def bench_gpu_options(out: str | Path | None = 'outputs/bench/gpu_options.json',  # JSON written (None: not written)
+                      size: str = 'demo',  # `vit_size` of the ViT
+                      cnn: str | None = 'resnet18',  # timm CNN for the channels-last figure (None: skipped)
+                      cnn_img: int = 64,  # its input side
+                      batch_size: int = 32, steps: int = 5, warmup: int = 2,  # timed and untimed rounds
+                      compile: bool = True,  # also time torch.compile (its first step compiles: minutes with a cold cache)
+                      threads: int | None = 1, seed: int = 0,
+                     ) -> dict:
+    "On CPU: compiled ÷ eager step, fused ÷ foreach AdamW step, channels-last ÷ default step (ViT, CNN), bf16 autocast ÷ fp32 step."
+    import contextlib, copy, timm.optim
+    from ssfer_lib.vit import create_vit, vit_size
+    old = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed); vk = vit_size(size); s = vk['img_size']; vit = create_vit(**vk, num_classes=7)
+        def make_step(base, img, channels_last=False, bf16=False, compiled=False):  # fit's step: forward, backward, AdamW
+            task = Supervised(copy.deepcopy(base)); opt = build_optimizer(task.model, lr=1e-4, device='cpu')  # foreach on CPU
+            x = torch.randn(batch_size, 3, img, img, generator=torch.Generator().manual_seed(seed))
+            if channels_last: task.to(memory_format=torch.channels_last); x = x.contiguous(memory_format=torch.channels_last)
+            b, fwd = dict(image=x, label=torch.arange(batch_size) % 7), torch.compile(task) if compiled else task
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast('cpu', dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(): loss = fwd(b)['loss']
+                loss.backward(); opt.step()
+            return step
+        v = dict(vit=make_step(vit, s), vit_channels_last=make_step(vit, s, channels_last=True), vit_bf16=make_step(vit, s, bf16=True))
+        if compile: v['vit_compiled'] = make_step(vit, s, compiled=True); compile_s = _clock(v['vit_compiled'])[0]  # the first call compiles
+        if cnn is not None:
+            torch.manual_seed(seed); net = timm.create_model(cnn, num_classes=7)
+            v |= {cnn: make_step(net, cnn_img), f'{cnn}_channels_last': make_step(net, cnn_img, channels_last=True)}
+        med = _median_times(v, steps, warmup)
+        def opt_steps(impl):  # the optimizer alone on one backward's gradients, ten steps per timing (one is ~1 ms)
+            m = copy.deepcopy(vit); Supervised(m)(dict(image=torch.randn(4, 3, s, s), label=torch.arange(4) % 7))['loss'].backward()
+            o = timm.optim.create_optimizer_v2(m, 'adamw', lr=1e-4) if impl == 'loop' else build_optimizer(m, lr=1e-4, fused=impl == 'fused')
+            return lambda: [o.step() for _ in range(10)]
+        om = {k: t / 10 for k, t in _median_times({k: opt_steps(k) for k in ('foreach', 'fused', 'loop')}, steps, warmup).items()}
+    finally: torch.set_num_threads(old)
+    res = dict(compiled_over_eager=med['vit_compiled'] / med['vit'] if compile else None, fused_over_foreach_adamw=om['fused'] / om['foreach'],
+               channels_last_over_default={k: med[f'{k}_channels_last'] / med[k] for k in ('vit', cnn) if k is not None},
+               bf16_autocast_over_fp32=med['vit_bf16'] / med['vit'], compile_s=compile_s if compile else None,
+               cpu_ms_per_step={k: 1000 * t for k, t in med.items()}, cpu_ms_per_adamw_step={k: 1000 * t for k, t in om.items()},
+               clock='process CPU time, median of the timed rounds; compile_s: wall clock of the first compiled step (compiler workers are other processes)',
+               setup=dict(vit=vk, cnn=cnn, cnn_img=cnn_img, batch_size=batch_size, steps=steps, warmup=warmup), machine=machine())
+    if out is not None: atomic_write_json(out, res)
+    return res
+
+# %% ../nbs/80_bench.ipynb #cd667564
 def bench_summary(folder: str | Path = 'outputs/bench',  # where the `<name>.json` files are
                  ) -> str:
     "Markdown summary of the benchmark JSON files in `folder` (written to `folder/README.md`); returns it."
@@ -268,7 +318,11 @@ def bench_summary(folder: str | Path = 'outputs/bench',  # where the `<name>.jso
              ('3 loader time ÷ step time (share)', g('loader', 'loader_share_of_step'), '≤ 0.10'),
              ('4 EMA-teacher step (7:1) ÷ supervised step', g('semi', 'ema_over_supervised'), f"< {fmt(g('semi', 'image_steps_ratio'))} image-steps"),
              ('5 DDP 2 processes ÷ 1 (efficiency)', g('ddp', 'efficiency'), '—'),
-             ('6 demo wall time ÷ compute floor', g('demo', 'ratio'), '≤ 1.3')]
+             ('6 demo wall time ÷ compute floor', g('demo', 'ratio'), '≤ 1.3'),
+             ('7a torch.compile ÷ eager step, demo ViT (CPU)', g('gpu_options', 'compiled_over_eager'), f"— (compiling took {g('gpu_options', 'compile_s'):.0f} s)" if g('gpu_options', 'compile_s') else '—'),
+             ('7b fused ÷ foreach AdamW step (CPU)', g('gpu_options', 'fused_over_foreach_adamw'), '—')]
+    px = g('gpu_options', 'setup', 'cnn_img'); rows += [(f'7c channels-last ÷ default step, {"demo ViT" if k == "vit" else f"{k} at {px} px"} (CPU)', v, '—') for k, v in (g('gpu_options', 'channels_last_over_default') or {}).items()]
+    rows += [('7d bf16 autocast ÷ fp32 step, demo ViT (CPU)', g('gpu_options', 'bf16_autocast_over_fp32'), '—')]
     m = next((v['machine'] for v in r.values() if isinstance(v, dict) and 'machine' in v), machine())
     md = ['# Benchmarks', '', f"Written by `ssfer bench` (`ssfer_lib.bench.bench_summary`). Machine: {m['cores']} cores, {m['cpu']}, "
           f"torch {m['torch']}, {m['threads']} thread(s) while timing. Every figure is a ratio of medians from one run "
@@ -280,15 +334,16 @@ def bench_summary(folder: str | Path = 'outputs/bench',  # where the `<name>.jso
     (f/'README.md').write_text(text)
     return text
 
-# %% ../nbs/80_bench.ipynb #9c8fe70d
+# %% ../nbs/80_bench.ipynb #64a52e7e
 BENCHMARKS = Registry('benchmark')
 BENCHMARKS.register('mae')(bench_mae)
 BENCHMARKS.register('facemix')(bench_facemix)
 BENCHMARKS.register('loader')(bench_loader)
 BENCHMARKS.register('semi')(bench_semi)
 BENCHMARKS.register('demo')(bench_demo)
+BENCHMARKS.register('gpu_options')(bench_gpu_options)
 
-# %% ../nbs/80_bench.ipynb #623a090b
+# %% ../nbs/80_bench.ipynb #a2edd497
 def ddp_bench_worker(out: str,  # JSON written by rank 0
                      size: str = 'demo', batch_size: int = 32, steps: int = 8, warmup: int = 2, seed: int = 0):
     "In each process: time `steps` DDP steps (fwd + bwd + all-reduce + AdamW) of a `vit_size(size)` classifier on `batch_size` images."

@@ -126,7 +126,7 @@ def parse_overrides(pairs: list[str] | None,  # `key=value` strings
         k, v = p.split('=', 1); out[k.strip()] = v
     return out
 
-# %% ../nbs/01_config.ipynb #bf02e6e5
+# %% ../nbs/01_config.ipynb #7536bc54
 @dataclasses.dataclass
 class StageConfig:
     "The architecture, optimiser and runtime fields of every stage's config; defaults are SSFER's fine-tuning recipe."
@@ -153,7 +153,10 @@ class StageConfig:
     grad_clip: float | None = None  # max gradient norm (None: no clipping, as MAE's fine-tuning; our choice)
     accum_steps: int = 1  # batches per optimizer step (gradient accumulation; 1: none)
     # runtime
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU; our choice)
+    amp: bool = True  # mixed precision on CUDA: bf16 where supported, else fp16 with a GradScaler (ignored on CPU; our choice)
+    compile: bool = False  # torch.compile the task's forward (torch docs: `torch.compile`); off: compiling takes minutes on CPU, longer than a demo run (our choice)
+    channels_last: bool = False  # model and image batches in channels-last memory format (torch docs: channels-last tutorial; for the convolutions of CNN baselines on GPU); off: a ViT has one convolution (our choice)
+    fused_optimizer: bool | None = None  # Adam/AdamW implementation (torch docs: `torch.optim.AdamW` `fused`/`foreach`): True fused kernel, False foreach, None fused on CUDA and foreach elsewhere (the same update up to float rounding; our choice)
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process; our choice)
     device: str = 'auto'  # 'auto' (CUDA when available), 'cpu', 'cuda:1', ...
     seed: int = 0  # the run's seed: initialization, augmentation, batch order (our choice)

@@ -207,7 +207,7 @@ def finetune_run_config(preset: str = 'paper',  # a name in FINETUNE_PRESETS
     check_vit(cfg)
     return cfg
 
-# %% ../nbs/41_finetune.ipynb #e425139c
+# %% ../nbs/41_finetune.ipynb #c33aa2c0
 def finetune(cfg: FinetuneConfig,  # the run's settings
              out_dir: str | Path,  # run folder: checkpoints, history, figure, metrics.json
              progress: bool = True,  # tqdm bars
@@ -228,7 +228,8 @@ def finetune(cfg: FinetuneConfig,  # the run's settings
     train = TwoViews(d['labeled'], d['labeled']) if task.two_views else d['labeled']  # two draws of the random views
     loader = train_loader(train, cfg.batch_size, g, cfg.seed, drop_last=n_lab >= cfg.batch_size * world, num_workers=cfg.num_workers)
     evals = {s: DataLoader(d[s], batch_size=256, shuffle=False, num_workers=cfg.num_workers) for s in ('test', 'val') if s in d}
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, 'adamw', tuple(cfg.betas), cfg.layer_decay, task=task)  # + a projection head
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, 'adamw', tuple(cfg.betas), cfg.layer_decay, task=task,  # + a projection head
+                          fused=cfg.fused_optimizer, device=device)
     steps = max(1, len(loader) // cfg.accum_steps)
     sched = build_scheduler(opt, epochs, steps, cfg.warmup_epochs, cfg.min_lr, cfg.warmup_lr)
     def eval_fn(t):  # scalars only in the per-epoch log; other models of a task are prefixed by their name
@@ -241,7 +242,7 @@ def finetune(cfg: FinetuneConfig,  # the run's settings
     history = fit(task, loader, optimizer=opt, epochs=epochs, max_steps=cfg.max_steps, scheduler=sched, device=device, amp=cfg.amp,
                   accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn, eval_every=cfg.eval_every,
                   select={'best_test': 'test/acc', 'val_selected': 'val/acc', 'last': None}[rule], ckpt_dir=out,
-                  progress=progress, extra=dict(config=dataclasses.asdict(cfg)))
+                  progress=progress, compile=cfg.compile, channels_last=cfg.channels_last, extra=dict(config=dataclasses.asdict(cfg)))
     if not is_main_process(): return {}  # rank 0 evaluates and writes
     if rule != 'last':  # the whole task: its classifier is `model` (MSCL keeps it under `base.model.`)
         task.load_state_dict(load_weights(out/'best.pt')['model'])

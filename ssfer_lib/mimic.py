@@ -145,16 +145,18 @@ def mscl_run_config(preset: str = 'paper',  # a name in MSCL_PRESETS
     check_vit(cfg)
     return cfg
 
-# %% ../nbs/43_mimic.ipynb #ed0423f8
+# %% ../nbs/43_mimic.ipynb #30b0eca5
 def mscl_optimizer(task: Task,  # any task with `.model` (the ViT) and possibly other trainable parts
                    lr: float = 1e-4, weight_decay: float = 5e-4,
                    layer_decay: float | None = 0.65,  # None: one learning rate
                    betas: tuple[float, float] = (0.9, 0.999),  # torch's Adam default
+                   fused: bool | None = None, device=None,  # `build_optimizer`'s: the AdamW implementation and where training runs
                   ) -> torch.optim.Optimizer:
     "AdamW with layer decay on `task.model`, plus the task's other parameters (projection head) at the full lr."
-    return build_optimizer(task.model, lr=lr, weight_decay=weight_decay, opt='adamw', betas=betas, layer_decay=layer_decay, task=task)
+    return build_optimizer(task.model, lr=lr, weight_decay=weight_decay, opt='adamw', betas=betas, layer_decay=layer_decay, task=task,
+                           fused=fused, device=device)
 
-# %% ../nbs/43_mimic.ipynb #33c8a108
+# %% ../nbs/43_mimic.ipynb #853f7820
 def fit_mscl(cfg: MSCLConfig,  # settings
              train_ds,  # augmenting dataset of dicts (`image`, `label`, `box`); or one already giving dict(weak, strong)
              test_loader,  # yields test batches (`image`, `label`)
@@ -176,14 +178,14 @@ def fit_mscl(cfg: MSCLConfig,  # settings
     two = task.two_views and 'weak' not in train_ds[0]
     loader = train_loader(TwoViews(train_ds, train_ds) if two else train_ds, cfg.batch_size, g, cfg.seed, sampler,
                           num_workers=cfg.num_workers)
-    opt = mscl_optimizer(task, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.betas)
-    sched = build_scheduler(opt, cfg.epochs, max(1, len(loader) // cfg.accum_steps), cfg.warmup_epochs, cfg.min_lr, cfg.warmup_lr)
     device = get_device(cfg.device)
+    opt = mscl_optimizer(task, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.betas, cfg.fused_optimizer, device)
+    sched = build_scheduler(opt, cfg.epochs, max(1, len(loader) // cfg.accum_steps), cfg.warmup_epochs, cfg.min_lr, cfg.warmup_lr)
     ev = lambda tk: {f'test/{k}': v for k, v in evaluate(tk.model, test_loader, cfg.num_classes, device).items()
                      if k in ('acc', 'macro_f1', 'mean_class_acc')}
     hist = fit(task, loader, optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, device=device, amp=cfg.amp,
                accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=ev, eval_every=cfg.eval_every,
-               ckpt_dir=ckpt_dir, progress=progress, extra=dict(config=dataclasses.asdict(cfg)))
+               ckpt_dir=ckpt_dir, progress=progress, compile=cfg.compile, channels_last=cfg.channels_last, extra=dict(config=dataclasses.asdict(cfg)))
     return dict(task=task, history=hist)
 
 # %% ../nbs/43_mimic.ipynb #9f21e191

@@ -108,7 +108,7 @@ def pretrain_data(cfg: PretrainConfig,
     show = d['test'] if d['test'] is not None else pool.subset(range(min(n_show, len(pool))), test_view(cfg.img_size, cfg.norm))
     return dict(train=pool, show=torch.stack([show[i]['image'] for i in range(min(n_show, len(show)))]))
 
-# %% ../nbs/40_pretrain.ipynb #dd8bb00e
+# %% ../nbs/40_pretrain.ipynb #f7c1d8c1
 def _plot_history(history: list[dict]):
     import matplotlib.pyplot as plt
     ep = [h['epoch'] for h in history]
@@ -135,10 +135,10 @@ def pretrain(cfg: PretrainConfig,  # the run's settings
     if len(loader) == 0: raise ValueError(f'{len(d["train"])} images make no full batch of {cfg.batch_size} per process')
     mae = build_mae(cfg); task = MAEPretrain(mae)
     lr = cfg.lr if cfg.lr is not None else pretrain_lr(cfg.blr, cfg.batch_size, cfg.accum_steps, world)
-    opt = build_optimizer(mae, lr, cfg.weight_decay, 'adamw', tuple(cfg.betas))
+    opt = build_optimizer(mae, lr, cfg.weight_decay, 'adamw', tuple(cfg.betas), fused=cfg.fused_optimizer, device=device)
     sched = build_scheduler(opt, cfg.epochs, max(1, len(loader) // cfg.accum_steps), cfg.warmup_epochs, cfg.min_lr, cfg.warmup_lr)
     history = fit(task, loader, optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, device=device, amp=cfg.amp,
-                  accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, ckpt_dir=out, progress=progress,
+                  accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, ckpt_dir=out, progress=progress, compile=cfg.compile, channels_last=cfg.channels_last, 
                   extra=dict(config=dataclasses.asdict(cfg), vit=mae.encoder_kwargs))
     if not is_main_process(): return {}
     import matplotlib.pyplot as plt

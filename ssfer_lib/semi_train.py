@@ -67,7 +67,7 @@ class SemiConfig(StageConfig):
     betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW default (our choice; not given in the paper)
     eval_every: int = 1  # evaluate every N epochs and after the last; best-epoch selection sees only those (1: every epoch, our choice)
 
-# %% ../nbs/42_semi_train.ipynb #fe311fa3
+# %% ../nbs/42_semi_train.ipynb #dd67c699
 SEMI_RECIPES = {
     'ema_teacher': {},
     'supervised': {},
@@ -268,7 +268,7 @@ def check_ranks_agree(module: torch.nn.Module) -> None:
     bad = [k for i, k in enumerate(sorted(st) * 2) if lo[i] != hi[i]]
     if bad: raise RuntimeError(f'DDP ranks disagree after training on {sorted(set(bad))[:5]} (the teacher/thresholds drifted)')
 
-# %% ../nbs/42_semi_train.ipynb #6d225263
+# %% ../nbs/42_semi_train.ipynb #467efc70
 def semi_train(cfg: SemiConfig,  # the run's settings
                out_dir: str | Path,  # run folder: checkpoints, history, figures, metrics.json
                progress: bool = True,  # tqdm bars
@@ -289,7 +289,8 @@ def semi_train(cfg: SemiConfig,  # the run's settings
     task = cls(model, K, **kw)
     main = reported_network(cfg.algorithm, list(task.eval_models()))
     init = evaluate_models({'init': model}, L['test'], K, device, cfg.vote_window)['init']
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.opt, tuple(cfg.betas), cfg.layer_decay, task=task)  # + heads of the task
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.opt, tuple(cfg.betas), cfg.layer_decay, task=task,  # + heads of the task
+                          fused=cfg.fused_optimizer, device=device)
     if cfg.sched not in ('cosine', 'fixed'): raise ValueError(f"sched must be 'cosine' or 'fixed', got {cfg.sched!r}")
     sched = build_scheduler(opt, cfg.epochs, steps, cfg.warmup_epochs, cfg.min_lr, cfg.warmup_lr) if cfg.sched == 'cosine' else None
     scalars = lambda r: {k: v for k, v in r.items() if not isinstance(v, list) and k != 'n'}
@@ -299,7 +300,8 @@ def semi_train(cfg: SemiConfig,  # the run's settings
     history = fit(task, L['train'], optimizer=opt, epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=sched, steps_per_epoch=cfg.steps_per_epoch,
                   device=device, amp=cfg.amp, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, eval_fn=eval_fn, eval_every=cfg.eval_every, ckpt_dir=out, progress=progress,
                   select={'best_test': f'test/{main}/acc', 'val_selected': f'val/{main}/acc', 'last': None}[rule],
-                  extra=dict(config=dataclasses.asdict(cfg)), classes=list(d['classes']))  # thresholds' curves by class name
+                  compile=cfg.compile, channels_last=cfg.channels_last, extra=dict(config=dataclasses.asdict(cfg)),
+                  classes=list(d['classes']))  # thresholds' curves by class name
     check_ranks_agree(task)  # DDP averaged the gradients: student, teacher (EMA) and DTM thresholds are the same everywhere
     if not is_main_process(): return {}  # rank 0 evaluates and writes
     if rule != 'last': task.load_state_dict(load_weights(out/'best.pt')['model'])  # every network at the picked epoch

@@ -45,7 +45,7 @@ class Supervised(Task):
         loss = F.cross_entropy(logits, batch['label'], label_smoothing=self.label_smoothing)
         return dict(loss=loss, acc=(logits.argmax(1) == batch['label']).float().mean())
 
-# %% ../nbs/20_train.ipynb #298c39d7
+# %% ../nbs/20_train.ipynb #42c2c038
 def build_optimizer(model: nn.Module,  # the module whose parameters train (the student, not a teacher)
                     lr: float,  # peak learning rate
                     weight_decay: float = 0.05,
@@ -53,10 +53,18 @@ def build_optimizer(model: nn.Module,  # the module whose parameters train (the 
                     betas: tuple[float, float] = (0.9, 0.999),
                     layer_decay: float | None = None,  # layer-wise lr decay (ViT), e.g. 0.65
                     task: nn.Module | None = None,  # the task holding `model`: its other trainable parts (a projection head) train too
+                    fused: bool | None = None,  # Adam/AdamW: True fused kernel, False foreach, None fused when `device` is CUDA, else foreach
+                    device: torch.device | str | None = None,  # where training runs (decides `fused=None`); None: where `model`'s parameters are
                    ) -> torch.optim.Optimizer:
     "A timm optimizer with decay-free norms/biases and optional layer-wise lr decay; a task's extra parameters at the full lr."
     from timm.optim import create_optimizer_v2
     kw = dict(betas=tuple(betas)) if opt.lower() in ('adamw', 'adam') else {}
+    if opt.lower() in ('adamw', 'adam'):
+        if fused is None:
+            dev = torch.device(device) if device is not None else next(model.parameters()).device
+            fused = dev.type == 'cuda'
+        kw |= dict(fused=True) if fused else dict(foreach=True)
+    elif fused: raise ValueError(f'fused_optimizer=True applies to adam and adamw, not to {opt!r}')
     o = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **kw)
     if task is not None:
         inside = {id(q) for q in model.parameters()}
@@ -79,7 +87,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer,
     return CosineLRScheduler(optimizer, t_initial=total - warm, lr_min=min_lr, warmup_t=warm,
                              warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False)
 
-# %% ../nbs/20_train.ipynb #e6476689
+# %% ../nbs/20_train.ipynb #b0643b91
 def train_loader(ds,  # the training dataset
                  batch_size: int,  # per process
                  generator: torch.Generator,  # shuffling (saved in checkpoints, so a resumed run reshuffles identically)
@@ -96,12 +104,17 @@ def train_loader(ds,  # the training dataset
     return DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, worker_init_fn=seed_worker, generator=generator)
 
-# %% ../nbs/20_train.ipynb #55567048
-def to_device(batch: Any, device: torch.device) -> Any:
+# %% ../nbs/20_train.ipynb #3cbae4a3
+def to_device(batch: Any, device: torch.device,
+              channels_last: bool = False,  # 4-D floating tensors (image batches) in channels-last memory format
+             ) -> Any:
     "Move every tensor of a (nested) batch to `device`."
-    if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)): return type(batch)(to_device(v, device) for v in batch)
+    if isinstance(batch, torch.Tensor):
+        if channels_last and batch.ndim == 4 and batch.is_floating_point():
+            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict): return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)): return type(batch)(to_device(v, device, channels_last) for v in batch)
     return batch
 
 def _batches(loader: Iterable, n: int | None):
@@ -123,7 +136,7 @@ def _autocast(device: torch.device, amp: bool):
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast('cuda', dtype=dtype)
 
-# %% ../nbs/20_train.ipynb #47c33c5e
+# %% ../nbs/20_train.ipynb #13793739
 def _grad_sync(net: nn.Module, sync: bool):
     "DDP's `no_sync()` on a micro-batch that does not step: its gradients accumulate locally, one all-reduce per optimizer step."
     return net.no_sync() if not sync and hasattr(net, 'no_sync') else contextlib.nullcontext()  # DDP decides in forward
@@ -140,7 +153,7 @@ def epoch_means(sums: dict,  # logged scalar -> sum over this process's batches 
     dist.all_reduce(t)  # every rank logs the same values (the keys are the task's outputs: the same on every rank)
     return dict(zip(keys, (t[:-1] / t[-1]).tolist()))
 
-# %% ../nbs/20_train.ipynb #568b16f9
+# %% ../nbs/20_train.ipynb #6348179e
 def tensorboard_scalars(log: dict,  # one epoch's log, as `fit` returns it
                         classes: list[str] | None = None,  # class names for `thr/<class>` (None: the class index)
                        ) -> dict[str, float]:
@@ -153,7 +166,7 @@ def tensorboard_scalars(log: dict,  # one epoch's log, as `fit` returns it
         out[k] = float(v)
     return out
 
-# %% ../nbs/20_train.ipynb #70acb9e9
+# %% ../nbs/20_train.ipynb #bf832263
 def _curves_writer(ckpt_dir: Path | None,  # the run folder (None: no curves)
                    start: int,  # epochs already done (a resumed run)
                   ):
@@ -164,7 +177,7 @@ def _curves_writer(ckpt_dir: Path | None,  # the run folder (None: no curves)
     # crash cut their checkpoint), or all of them when a run starts over in the same folder (resume=False)
     return SummaryWriter(str(ckpt_dir), purge_step=start + 1)
 
-# %% ../nbs/20_train.ipynb #4aa1e22e
+# %% ../nbs/20_train.ipynb #2d40edcd
 def _stopped(done: int, epochs: int, step: int, ckpt_dir: Path | None) -> Interrupted:
     "Why and where `fit` stopped on a signal, and what a second call with the same `ckpt_dir` resumes from."
     last = ckpt_dir/'last.pt' if ckpt_dir is not None else None
@@ -196,12 +209,15 @@ def fit(task: Task,  # the objective (holds the model(s))
         extra: dict | None = None,  # plain values saved in every checkpoint (e.g. the config)
         max_steps: int | None = None,  # stop after this many optimizer steps in all (a smoke test of a long schedule)
         classes: list[str] | None = None,  # class names: per-class thresholds go to TensorBoard as `thr/<class>`
+        compile: bool = False,  # torch.compile the task's forward (the task itself stays uncompiled: checkpoints, hooks, evaluation)
+        channels_last: bool = False,  # the task's parameters and the batches' images in channels-last memory format
        ) -> list[dict]:
     "Train `task` for `epochs`; returns the per-epoch log (also in `ckpt_dir/history.json` and its TensorBoard event files)."
     if not (isinstance(eval_every, int) and eval_every >= 1): raise ValueError(f'eval_every must be an integer >= 1, got {eval_every!r}')
     if not (isinstance(accum_steps, int) and accum_steps >= 1): raise ValueError(f'accum_steps must be an integer >= 1, got {accum_steps!r}')
     device = get_device(device) if isinstance(device, str) else device
     task.to(device)
+    if channels_last: task.to(memory_format=torch.channels_last)  # 4-D parameters only (convolutions)
     use_amp = amp and device.type == 'cuda'
     scaler = torch.amp.GradScaler('cuda', enabled=use_amp and not torch.cuda.is_bf16_supported()) if use_amp else None
     import torch.distributed as dist
@@ -210,6 +226,7 @@ def fit(task: Task,  # the objective (holds the model(s))
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(task, device_ids=[device.index] if device.type == 'cuda' else None,
                   find_unused_parameters=find_unused_parameters)
+    forward = torch.compile(net) if compile else net  # compiled on the first batch; DDP before compile, as torch's docs advise
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
     start, step, history, best = 0, 0, [], -math.inf
     if ckpt_dir is not None and resume and (ckpt_dir/'last.pt').exists():
@@ -233,8 +250,8 @@ def fit(task: Task,  # the objective (holds the model(s))
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(bar):
                 if stop_requested(): raise _stopped(epoch, epochs, step, ckpt_dir)  # the partial epoch is dropped
-                batch = to_device(batch, device)
-                with _grad_sync(net, (i + 1) % accum_steps == 0), _autocast(device, use_amp): out = net(batch)
+                batch = to_device(batch, device, channels_last)
+                with _grad_sync(net, (i + 1) % accum_steps == 0), _autocast(device, use_amp): out = forward(batch)
                 loss = out['loss']
                 if not torch.isfinite(loss):  # counted from 1, as in the log and the progress bar
                     raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1}/{epochs}, batch {i + 1}' + (f'/{total}' if total else ''))
@@ -286,7 +303,7 @@ def fit(task: Task,  # the objective (holds the model(s))
         if curves is not None: curves.close()
     return history
 
-# %% ../nbs/20_train.ipynb #7be9284b
+# %% ../nbs/20_train.ipynb #1afe016a
 def submodule_state(state: dict,  # a task's state dict (e.g. `load_weights('best.pt')['model']`)
                     prefix: str = 'model.',  # the submodule's attribute name plus a dot
                    ) -> dict:

@@ -105,7 +105,8 @@ def test_timing_model_eval_every_saves_eval_time():
 
 TOY = {'mae': dict(preset='test', batch_size=4, steps=2), 'facemix': dict(size='test', batch_size=4, steps=1, warmup=1),
        'loader': dict(preset='test', batch_size=4, steps=2), 'semi': dict(size='test', batch_size=2, uratio=2, steps=2),
-       'ddp': {}, 'demo': dict(size='test', batch_size=4, steps=2)}
+       'ddp': {}, 'demo': dict(size='test', batch_size=4, steps=2),
+       'gpu_options': dict(size='test', cnn='resnet18', cnn_img=16, batch_size=2, steps=1, warmup=1, compile=False)}
 
 
 @pytest.mark.parametrize('name', sorted(TOY))
