@@ -26,7 +26,7 @@ __all__ = ['FINETUNE_PRESETS', 'SELECT_RULES', 'RULE_NAMES', 'MIX_TASKS', 'Finet
            'finetune_data', 'holdout_indices', 'holdout_val', 'selection_rule', 'rule_metrics', 'finetune_model',
            'finetune_task', 'finetune_run_config', 'finetune']
 
-# %% ../nbs/41_finetune.ipynb #5b9e9fbd
+# %% ../nbs/41_finetune.ipynb #27c3bf8f
 @dataclasses.dataclass
 class FinetuneConfig(StageConfig):
     "Stage-2 (supervised fine-tuning) settings: the shared fields (SSFER's fine-tuning defaults) and the stage's own."

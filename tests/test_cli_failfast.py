@@ -24,7 +24,7 @@ def assert_one_line_error(r, created, *culprit):
 
 
 @pytest.mark.parametrize('args, culprit', [
-    (('-p', 'preset', 'nope'), ("unknown preset 'nope'", 'choose one of: paper, demo, test')),
+    (('-p', 'preset', 'nope'), ("unknown preset 'nope'", 'choose one of: paper, demo, demo-full, test')),
     (('-p', 'mix', 'facemx'), ("unknown mix 'facemx'", "did you mean 'facemix'?", 'mixup', 'cutmix')),
     (('-p', 'kappa', 'ssmi'), ("unknown kappa 'ssmi'", "did you mean 'ssim'?", 'iou, psnr, ssim, fsim')),
     (('-p', 'epochs', 'many'), ('epochs', "'many'", 'as int')),

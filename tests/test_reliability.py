@@ -157,7 +157,7 @@ def unknown_dataset_of_a_run(t):
 @case
 def unknown_preset(t):
     return (['run', 'mscl', '-p', 'preset', 'tset', '--root', 'runs'],
-            ["mscl.ipynb: unknown preset 'tset' (did you mean 'test'?); choose one of: paper, demo, test"], ())
+            ["mscl.ipynb: unknown preset 'tset' (did you mean 'test'?); choose one of: paper, demo, demo-full, test"], ())
 
 @case
 def unknown_method(t):
