@@ -46,7 +46,7 @@ def test_one_paper_preset_cell_runs_a_few_steps_on_cpu(tmp_path):
     ft = next(runs.glob('paper-finetune-synthfaces-r0.1-facemix-iou-L4-mae-s0*'))
     assert (ft/'metrics.json').exists(), r.stdout[-3000:] + r.stderr[-3000:] + (ft/'cell.log').read_text()[-3000:]
     cfg = json.loads((ft/'metrics.json').read_text())['provenance']['config']
-    assert (cfg['model'], cfg['img_size'], cfg['max_steps'], cfg['mix'], cfg['kappa'], cfg['loss']) == \
+    assert (cfg['model'], cfg['img_size'], cfg['max_steps'], cfg['mix'], cfg['kappa'], cfg['facemix_loss']) == \
         ('vit_base_patch16_224', 224, 2, 'facemix', 'iou', 'L4')
     assert cfg['init'].endswith('/encoder.pt') and 'paper-pretrain_mae-synthfaces' in cfg['init']
     assert json.loads((ft/'history.json').read_text())[-1]['step'] == 2
