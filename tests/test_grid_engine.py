@@ -26,7 +26,7 @@ SPEC = TableSpec('fake', 'fake', 'A fake table', columns=(('', 'r1'),), rows=(
     Row('b', (S(score=0.7, fail=FAIL),), label='B', ours_only=True),
     Row('c', (S(score=0.7, fail=FAIL), S('prev', score=0.8)), label='C after B', ours_only=True),
     Row('d', (S(score=0.9, **({'sleep': SLEEP} if SLEEP else {})),), label='D', ours_only=True, multi_seed=True)))
-if 'fake' not in TABLES: TABLES.register('fake')(SPEC)
+TABLES.pop('fake', None); TABLES.register('fake')(SPEC)  # each test's own tmp notebook (a reload replaces the last test's)
 '''
 
 
