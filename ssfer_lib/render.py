@@ -39,7 +39,7 @@ def metric_value(m: dict,  # a run's metrics (metrics.json `metrics`)
     v = m.get(metric)
     return (None if v is None else 100 * v), head if head in RULE_MARKS else m.get('selection')
 
-# %% ../nbs/54_render.ipynb #c2fa752f
+# %% ../nbs/54_render.ipynb #7c386d37
 def _fmt(v: float | None, d: int = 2) -> str: return '' if v is None else f'{v:.{d}f}'
 
 def _mean_sd(vs: list[float]) -> tuple[float, float | None]:
@@ -69,7 +69,7 @@ def table_cells(plan: Plan, spec: TableSpec, metrics: dict, states: dict) -> dic
         if m is None: e['state'] = states.get(s.cell, ('missing', ''))[0]; continue
         v, rule = _value(m, spec, rows[s.row], s.column)
         if v is not None: e['values'].append(v); e['rules'].add(rule)
-        elif f is not None: e['reason'] = f'not recorded by its run ({f.path}: the preset runs less)'  # e.g. 2 of 5 folds
+        elif f is not None: e['reason'] = 'not recorded by its run (the preset runs a part of it: see the caption)'  # 2 of 5 folds
         for k in spec.extra: e['extra'].setdefault(k, []).append(metric_value(m, k)[0])
     for (r, j), e in out.items():
         e['mean'], e['sd'] = _mean_sd(e['values']) if e['values'] and len(e['values']) == len(e['runs']) else (None, None)
