@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from .core import atomic_write_json, read_metrics
 from .runner import FAILED, LOCK, find_notebook, record_failure, run_notebook
-from .reproduce import Plan, _hms, canonical_params, estimate_seconds
+from .reproduce import Cell, Grid, Plan, _hms, canonical_params, estimate_seconds
 
 # %% auto #0
-__all__ = ['run_cell', 'main', 'cell_command', 'LocalLauncher', 'slurm_cell', 'SlurmLauncher', 'run_grid', 'select_cells',
-           'grid_summary']
+__all__ = ['run_cell', 'main', 'cell_command', 'LocalLauncher', 'slurm_cell', 'SlurmLauncher', 'critical_path', 'run_grid',
+           'select_cells', 'grid_summary']
 
 # %% ../nbs/53_launch.ipynb #f85dcdef
 def _heartbeat(lock: Path, stop: threading.Event, every: float = 30):
@@ -146,6 +146,21 @@ class SlurmLauncher:
         except Exception as e: return dict(ok=False, error=f'slurm job {job.job_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}')
     def stop(self, job): job.cancel(check=False)
 
+# %% ../nbs/53_launch.ipynb #f21f474a
+def critical_path(grid: Grid,  # from `plan_grid(...).grid`
+                  est: dict,  # cell id → estimated seconds (None: unknown, counted as 0)
+                 ) -> dict:
+    "Cell id → its estimated seconds plus those of the longest chain of cells that depend on it."
+    after = {c: [] for c in grid.cells}
+    for c, cell in grid.cells.items():
+        for d in cell.deps: after[d].append(c)
+    out = {}
+    def length(c):
+        if c not in out: out[c] = (est.get(c) or 0) + max((length(a) for a in after[c]), default=0)
+        return out[c]
+    for c in grid.cells: length(c)
+    return out
+
 # %% ../nbs/53_launch.ipynb #f91d1e20
 def _headline(folder: Path) -> str:
     "A finished cell's number: its headline metric and rule, or the MAE's held-out loss."
@@ -178,10 +193,11 @@ def run_grid(plan: Plan,  # from `plan_grid`
     done = {c for c, (s, _) in status.items() if s == 'done'}
     stale = [c for c, (s, _) in status.items() if s == 'stale' and not force]
     elsewhere = [c for c, (s, _) in status.items() if s == 'running']
-    pending = [c for c, (s, _) in status.items() if (s in ('missing', 'partial', 'failed') or (s == 'stale' and force))
-               and (only is None or c in only)]
-    unusable, failed, skipped, active = set(stale) | set(elsewhere), {}, {}, {}
     est, measured = estimate_seconds(plan, status), {}
+    first = critical_path(grid, est)  # the longest chain of work still ahead starts first (unknown estimates count 0)
+    pending = sorted((c for c, (s, _) in status.items() if (s in ('missing', 'partial', 'failed') or (s == 'stale' and force))
+                      and (only is None or c in only)), key=lambda c: -first[c])
+    unusable, failed, skipped, active = set(stale) | set(elsewhere), {}, {}, {}
     bar = tqdm(total=len(pending), unit='cell', disable=not progress, file=sys.stderr, dynamic_ncols=True,
                bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} cells [{elapsed}{postfix}]')
     def eta() -> str:

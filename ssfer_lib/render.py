@@ -18,7 +18,7 @@ from .reading import PAPER_SCALE, reading_markdown
 
 # %% auto #0
 __all__ = ['RULE_MARKS', 'RULE_LEGEND', 'FIGURES', 'metric_value', 'table_cells', 'table_rows', 'networks_note', 'md_table',
-           'tex_table', 'render_table', 'render_all', 'reproduce']
+           'tex_table', 'render_table', 'render_all', 'record_invocation', 'reproduce']
 
 # %% ../nbs/54_render.ipynb #f3943e69
 RULE_MARKS = {'best_test': 'ᵇ', 'last': 'ˡ', 'val_selected': 'ᵛ'}
@@ -40,7 +40,7 @@ def metric_value(m: dict,  # a run's metrics (metrics.json `metrics`)
     v = m.get(metric)
     return (None if v is None else 100 * v), head if head in RULE_MARKS else m.get('selection')
 
-# %% ../nbs/54_render.ipynb #c2fa752f
+# %% ../nbs/54_render.ipynb #7c386d37
 def _fmt(v: float | None, d: int = 2) -> str: return '' if v is None else f'{v:.{d}f}'
 
 def _mean_sd(vs: list[float]) -> tuple[float, float | None]:
@@ -70,7 +70,7 @@ def table_cells(plan: Plan, spec: TableSpec, metrics: dict, states: dict) -> dic
         if m is None: e['state'] = states.get(s.cell, ('missing', ''))[0]; continue
         v, rule = _value(m, spec, rows[s.row], s.column)
         if v is not None: e['values'].append(v); e['rules'].add(rule)
-        elif f is not None: e['reason'] = f'not recorded by its run ({f.path}: the preset runs less)'  # e.g. 2 of 5 folds
+        elif f is not None: e['reason'] = 'not recorded by its run (the preset runs a part of it: see the caption)'  # 2 of 5 folds
         for k in spec.extra: e['extra'].setdefault(k, []).append(metric_value(m, k)[0])
     for (r, j), e in out.items():
         e['mean'], e['sd'] = _mean_sd(e['values']) if e['values'] and len(e['values']) == len(e['runs']) else (None, None)
@@ -274,6 +274,24 @@ def render_all(plan: Plan,  # from `plan_grid`
     atomic_write_text(rdir/'REPORT.md', head + (reading + '\n' if reading else '') + '\n'.join(report))
     return dict(tables=tdir, all=root/'tables'/f'{preset}.md', report=rdir/'REPORT.md')
 
+# %% ../nbs/54_render.ipynb #77d1d548
+def record_invocation(path: str | Path,  # the JSON-lines file appended to
+                      started: float,  # time.time() at the start
+                      **fields,  # what the call did (cells run, done, failed, jobs, ...)
+                     ) -> dict:
+    "Append one line (start, wall and CPU seconds, `fields`, commit, machine) to `path`; returns the record."
+    import platform, resource
+    from ssfer_lib.core import git_state
+    cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ('ru_utime', 'ru_stime'))
+    rec = dict(started=_dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec='seconds'),
+               wall_s=round(time.time() - started, 1), cpu_s=round(cpu, 1), **fields, git=git_state(),
+               machine=dict(cores=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)), host=platform.node(),
+                            load_1min_at_end=round(os.getloadavg()[0], 2)))
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a') as f: f.write(json.dumps(rec) + '\n')  # one short write: appended whole
+    return rec
+
 # %% ../nbs/54_render.ipynb #9fcb0171
 def reproduce(preset: str = 'demo',  # a preset name (presets/<name>.yaml) or a YAML path
               root: str | Path = 'outputs',  # runs in root/runs, tables in root/tables/<preset>, report in root/<preset>
@@ -310,6 +328,8 @@ def reproduce(preset: str = 'demo',  # a preset name (presets/<name>.yaml) or a 
     r = run_grid(plan, status, jobs, launcher, cluster, force, progress=progress, only=only)
     paths = render_all(plan, root, command=f"ssfer reproduce --preset {p['name']}")
     summary, code = grid_summary(plan, r)
+    record_invocation(Path(root)/p['name']/'invocations.jsonl', t0, preset=p['name'], jobs=jobs, launcher=launcher, cells=len(plan.grid.cells),
+                      ran=todo, done=len(r['done']), failed=len(r['failed']), exit_code=code)
     log(f"{summary}\ntables: {paths['tables']}/ (Markdown, LaTeX), all in {paths['all']}; report: {paths['report']}"
         f'\nwall time {_hms_s(time.time() - t0)}')
     return code

@@ -329,7 +329,12 @@ def _n_labeled(sp: dict, n: int, k: int) -> int:
 def image_steps(cell: Cell, preset: dict) -> float | None:
     "Forward+backward image steps of a paper-scale cell (None when its dataset's size is unknown)."
     t = preset.get('timing') or {}
+    if cell.kind not in ('pretrain_mae', 'finetune', 'semi', 'mscl'): return None
     size = _sizes().get(cell.dataset)
+    if size is None and cell.params.get('data') == 'synthfaces':  # the stand-in: the stage preset's sizes, 7 classes
+        from ssfer_lib.finetune import FINETUNE_PRESETS, finetune_config
+        if preset['stage_preset'] not in FINETUNE_PRESETS: return None
+        f = finetune_config(preset['stage_preset']); size = (f.n_train, f.n_test, 7)
     if size is None: return None
     n, n_test, k = size
     ev = t.get('eval_factor', 1 / 3)  # a forward pass costs about a third of a training step
@@ -348,24 +353,27 @@ def image_steps(cell: Cell, preset: dict) -> float | None:
         return cfg.epochs * (unl * (1 / cfg.uratio + 1 + ev) + 2 * n_test * ev)
     if cell.kind == 'mscl':
         from ssfer_lib.mimic import mscl_config
-        return mscl_config(preset['stage_preset'], data=cell.dataset).epochs * (2 * n + n_test * ev)
+        return mscl_config(preset['stage_preset'], data=cell.params.get('data') or cell.dataset).epochs * (2 * n + n_test * ev)
     return None
 
 def estimate_seconds(plan: Plan, status: dict) -> dict:
-    "Cell id → estimated seconds (None: unknown); finished cells of a kind set the estimate of the others."
+    "Cell id → estimated seconds (None: unknown): a kind's seconds (finished cells' median, else the preset's), scaled by each cell's image steps."
     t, measured = plan.grid.preset.get('timing') or {}, {}
     for cid, (state, _) in status.items():
         if state != 'done': continue
         f = plan.grid.path(cid)  # the cell's wall time, papermill's kernel start included: from its start to metrics.json
         dt = (f/'metrics.json').stat().st_mtime - json.loads((f/'run.json').read_text()).get('started', float('inf'))
         if dt > 0: measured.setdefault(plan.grid.cells[cid].kind, []).append(dt)
+    steps = {cid: image_steps(c, plan.grid.preset) for cid, c in plan.grid.cells.items()}
+    typical = {}  # per kind: the median image steps of its cells (when every one is known)
+    for cid, c in plan.grid.cells.items(): typical.setdefault(c.kind, []).append(steps[cid])
+    typical = {k: statistics.median(v) for k, v in typical.items() if None not in v and min(v) > 0}
     out = {}
     for cid, c in plan.grid.cells.items():
-        if c.kind in measured: out[cid] = statistics.median(measured[c.kind])
-        elif 'seconds_per_image_step' in t:
-            s = image_steps(c, plan.grid.preset)
-            out[cid] = None if s is None else s * t['seconds_per_image_step']
-        else: out[cid] = (t.get('seconds') or {}).get(c.kind)
+        scale = steps[cid] / typical[c.kind] if c.kind in typical else 1  # a per-kind time scaled by the cell's work
+        if c.kind in measured: out[cid] = statistics.median(measured[c.kind]) * scale
+        elif 'seconds_per_image_step' in t: out[cid] = None if steps[cid] is None else steps[cid] * t['seconds_per_image_step']
+        else: out[cid] = None if (s := (t.get('seconds') or {}).get(c.kind)) is None else s * scale
     return out
 
 # %% ../nbs/52_reproduce.ipynb #bbca2b53

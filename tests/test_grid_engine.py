@@ -26,7 +26,7 @@ SPEC = TableSpec('fake', 'fake', 'A fake table', columns=(('', 'r1'),), rows=(
     Row('b', (S(score=0.7, fail=FAIL),), label='B', ours_only=True),
     Row('c', (S(score=0.7, fail=FAIL), S('prev', score=0.8)), label='C after B', ours_only=True),
     Row('d', (S(score=0.9, **({'sleep': SLEEP} if SLEEP else {})),), label='D', ours_only=True, multi_seed=True)))
-if 'fake' not in TABLES: TABLES.register('fake')(SPEC)
+TABLES.pop('fake', None); TABLES.register('fake')(SPEC)  # each test's own tmp notebook (a reload replaces the last test's)
 '''
 
 
@@ -57,7 +57,18 @@ def cli(tmp, *args, **kw):
     import ssfer_lib  # the child imports the library under test
     env = os.environ | {'PYTHONPATH': os.pathsep.join([str(tmp), str(Path(ssfer_lib.__file__).resolve().parents[1]), os.environ.get('PYTHONPATH', '')])}
     argv = [sys.executable, '-c', code, 'reproduce', '--preset', str(tmp/'fake.yaml'), '--tables', 'fake', '--root', str(tmp/'out'), *args]
-    return subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    # Ctrl-C's default action in the child even when the tests run in the background (a shell's `&` ignores SIGINT)
+    reset = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=reset, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _no_fake_table_after():
+    "The fake table and its module leave the registry and sys.path after each test (later test files see only real tables)."
+    path = list(sys.path)
+    yield
+    from ssfer_lib.tables import TABLES
+    TABLES.pop('fake', None); sys.modules.pop('fakegrid', None); sys.path[:] = path
 
 
 def run_cli(tmp, *args):

@@ -65,7 +65,7 @@ def test_analysis_tables_render_the_numbers_of_the_runs_they_name(tmp_path):
     ssfer = rows['SSFER-10% [rafdb-ssfer-10pct]']
     assert [_ours(c)[0] for c in ssfer] == [41, 61.0, 62.0, None, None, None, 61.5], ssfer
     assert ssfer[1].endswith(' / 84.13 (-23.13)') and ssfer[6].endswith(' / 84.20 (-22.70)'), ssfer
-    assert ssfer[3].startswith('—⁽') and 'not recorded by its run (folds/fold=3/acc' in md['table_05']
+    assert ssfer[3].startswith('—⁽') and md['table_05'].count('not recorded by its run') == 1
     assert [_ours(c)[0] for c in rows['ViT-Base [rafdb-vit-base]'][1:3]] == [51.0, 52.0]
     assert rows['ViT-Large [rafdb-vit-large]'][1].startswith('—⁽')  # not in the demo's rows
     # Table 7: the ε columns of one attack run, each region its own row

@@ -61,3 +61,9 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     assert r2.returncode == 0 and ', 0 to run' in r2.stdout, r2.stdout[-3000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert {p: p.read_text() for p in tdir.glob('*.md')} == tables
+    # each call appended its record: the first ran every cell (its wall and CPU time are what the README quotes for the
+    # demo), the second none; the first record is still there
+    inv = [json.loads(l) for l in (tmp_path/'out'/'smoke'/'invocations.jsonl').read_text().splitlines()]
+    n = inv[0]['cells']
+    assert [(i['ran'], i['done'], i['failed'], i['exit_code']) for i in inv] == [(n, n, 0, 0), (0, n, 0, 0)]
+    assert inv[0]['cells'] == len(stamps) and inv[0]['wall_s'] > inv[1]['wall_s'] > 0 and inv[0]['cpu_s'] > 0
