@@ -231,16 +231,18 @@ def bench_demo(out: str | Path | None = 'outputs/bench/demo.json',  # JSON writt
     "The demo's wall time by stage (from its runs' metrics.json) ÷ its compute floor (image-steps × bare step time, measured now)."
     import json
     from ssfer_lib.timing import image_steps
-    by, floor_steps, n = {}, {}, 0
+    by, floor_steps, n, skipped = {}, {}, 0, []
     for p in sorted(Path(runs).glob('*/metrics.json')):
         m = json.loads(p.read_text()); cfg = m.get('provenance', {}).get('config') or {}
         sec = m['metrics'].get('seconds', m['metrics'].get('train_seconds'))
         if not cfg or sec is None: continue
+        if cfg.get('batch_size') is None or cfg.get('epochs') is None:  # an analysis run (k-fold, GWO, ...): not one stage
+            skipped.append(p.parent.name); continue
         st = run_stage(cfg); n += 1
         by[st] = by.get(st, 0.0) + sec
         c = image_steps(st, cfg, m['metrics'].get('n_labeled'))
         floor_steps[st] = floor_steps.get(st, 0) + c['train'] * (0.4 if st == 'pretrain' else 1)  # MAE's step ≤ 0.40 of a full one
-    res = dict(runs=n, wall_s_by_stage=by, target=1.3, machine=machine())
+    res = dict(runs=n, wall_s_by_stage=by, target=1.3, machine=machine(), not_counted=skipped)
     if n:
         old = torch.get_num_threads()
         if threads: torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ import math
 import os
 import time
 from pathlib import Path
-from .core import atomic_write, atomic_write_text
+from .core import atomic_write, atomic_write_text, git_state
 from .tables import TableSpec, paper_tables, paper_value, read_path
 from .reproduce import Plan, describe_plan, grid_datasets, grid_status, load_preset, plan_grid
 from .launch import grid_summary, run_grid, select_cells
@@ -273,15 +273,15 @@ def render_all(plan: Plan,  # from `plan_grid`
 # %% ../nbs/54_render.ipynb #77d1d548
 def record_invocation(path: str | Path,  # the JSON-lines file appended to
                       started: float,  # time.time() at the start
+                      git: dict | None = None,  # `git_state()` when the call started (None: now; the run rewrites tracked tables)
                       **fields,  # what the call did (cells run, done, failed, jobs, ...)
                      ) -> dict:
     "Append one line (start, wall and CPU seconds, `fields`, commit, machine) to `path`; returns the record."
     import platform, resource
-    from ssfer_lib.core import git_state
     cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for f in ('ru_utime', 'ru_stime'))
     rec = dict(started=_dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec='seconds'),
-               wall_s=round(time.time() - started, 1), cpu_s=round(cpu, 1), **fields, git=git_state(),
+               wall_s=round(time.time() - started, 1), cpu_s=round(cpu, 1), **fields, git=git or git_state(),
                machine=dict(cores=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)), host=platform.node(),
                             load_1min_at_end=round(os.getloadavg()[0], 2)))
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,7 +306,7 @@ def reproduce(preset: str = 'demo',  # a preset name (presets/<name>.yaml) or a 
               log=print,
              ) -> int:
     "Run the grid of a preset (what is missing) and render its tables; returns the exit code."
-    t0, p = time.time(), load_preset(preset, sets)
+    t0, git0, p = time.time(), git_state(), load_preset(preset, sets)
     p['params'] = dict(p.get('params') or {}) | dict(params or {})
     plan = plan_grid(p, root, grid_datasets(p, datasets, data_roots), tables)
     unknown = [k for k in p['params'] if not any(k in c.params for c in plan.grid.cells.values())]
@@ -324,7 +324,7 @@ def reproduce(preset: str = 'demo',  # a preset name (presets/<name>.yaml) or a 
     r = run_grid(plan, status, jobs, launcher, cluster, force, progress=progress, only=only)
     paths = render_all(plan, root, command=f"ssfer reproduce --preset {p['name']}")
     summary, code = grid_summary(plan, r)
-    record_invocation(Path(root)/p['name']/'invocations.jsonl', t0, preset=p['name'], jobs=jobs, launcher=launcher, cells=len(plan.grid.cells),
+    record_invocation(Path(root)/p['name']/'invocations.jsonl', t0, git=git0, preset=p['name'], jobs=jobs, launcher=launcher, cells=len(plan.grid.cells),
                       ran=todo, done=len(r['done']), failed=len(r['failed']), exit_code=code)
     log(f"{summary}\ntables: {paths['tables']}/ (Markdown, LaTeX), all in {paths['all']}; report: {paths['report']}"
         f'\nwall time {_hms_s(time.time() - t0)}')
