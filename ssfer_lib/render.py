@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from .core import atomic_write, atomic_write_text, git_state
 from .tables import TableSpec, paper_tables, paper_value, read_path
-from .reproduce import Plan, describe_plan, grid_datasets, grid_status, load_preset, plan_grid
+from .reproduce import Plan, grid_datasets, grid_status, load_preset, plan_grid
+from .grid_cost import describe_plan
 from .launch import grid_summary, run_grid, select_cells
 
 # %% auto #0
@@ -324,8 +325,8 @@ def reproduce(preset: str = 'demo',  # a preset name (presets/<name>.yaml) or a 
     r = run_grid(plan, status, jobs, launcher, cluster, force, progress=progress, only=only)
     paths = render_all(plan, root, command=f"ssfer reproduce --preset {p['name']}")
     summary, code = grid_summary(plan, r)
-    record_invocation(Path(root)/p['name']/'invocations.jsonl', t0, git=git0, preset=p['name'], jobs=jobs, launcher=launcher, cells=len(plan.grid.cells),
-                      ran=todo, done=len(r['done']), failed=len(r['failed']), exit_code=code)
+    record_invocation(Path(root)/p['name']/'invocations.jsonl', t0, git=git0, preset=p['name'], jobs=jobs, launcher=launcher,
+                      cells=len(plan.grid.cells), ran=todo, done=len(r['done']), failed=len(r['failed']), exit_code=code)
     log(f"{summary}\ntables: {paths['tables']}/ (Markdown, LaTeX), all in {paths['all']}; report: {paths['report']}"
         f'\nwall time {_hms_s(time.time() - t0)}')
     return code

@@ -5,7 +5,6 @@
 # %% ../nbs/52_reproduce.ipynb #627dae9a
 from __future__ import annotations
 import json
-import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import yaml
@@ -17,8 +16,7 @@ from .tables import TABLES, Row, TableSpec, label_code, label_text, paper_tables
 # %% auto #0
 __all__ = ['PRESETS_DIR', 'PRESET_KEYS', 'READER_OF', 'ROOT_OF', 'preset_names', 'load_preset', 'Dataset', 'grid_datasets',
            'Column', 'table_columns', 'Cell', 'NotRunnable', 'Grid', 'mae_cell', 'expand', 'canonical_params',
-           'assign_keys', 'Slot', 'Plan', 'select_tables', 'plan_grid', 'grid_status', 'image_steps',
-           'estimate_seconds', 'describe_plan']
+           'assign_keys', 'Slot', 'Plan', 'select_tables', 'plan_grid', 'grid_status']
 
 # %% ../nbs/52_reproduce.ipynb #deaa45af
 PRESETS_DIR = Path(__file__).resolve().parent.parent/'presets' if '__file__' in globals() else Path('../presets').resolve()
@@ -314,95 +312,3 @@ def plan_grid(preset: dict,  # from `load_preset`
 def grid_status(grid: Grid) -> dict:
     "Cell id → (state, detail): done, stale, running, failed, partial, missing."
     return {cid: run_state(grid.path(cid), c.key, canonical_params(grid, c)) for cid, c in grid.cells.items()}
-
-# %% ../nbs/52_reproduce.ipynb #5d41cdd4
-_MIX_IMAGES = {'facemix': 2, 'mscl': 2, 'facemix+mscl': 2}  # images a step sees per labeled image (FaceMix: real + mixed)
-
-def _sizes() -> dict:
-    "Dataset → (train, test, classes) from SSFER Table 1."
-    return {r['key']: (r['values']['train'], r['values']['test'], r['values']['classes']) for r in paper_tables()['ssfer-t01']['rows']}
-
-def _n_labeled(sp: dict, n: int, k: int) -> int:
-    v = sp['split_value']
-    return round(v * n) if sp['split_kind'] == 'ratio' else int(v) * k if sp['split_kind'] == 'per_class' else int(v)
-
-def image_steps(cell: Cell, preset: dict) -> float | None:
-    "Forward+backward image steps of a paper-scale cell (None when its dataset's size is unknown)."
-    t = preset.get('timing') or {}
-    if cell.kind not in ('pretrain_mae', 'finetune', 'semi', 'mscl'): return None
-    size = _sizes().get(cell.dataset)
-    if size is None and cell.params.get('data') == 'synthfaces':  # the stand-in: the stage preset's sizes, 7 classes
-        from ssfer_lib.finetune import FINETUNE_PRESETS, finetune_config
-        if preset['stage_preset'] not in FINETUNE_PRESETS: return None
-        f = finetune_config(preset['stage_preset']); size = (f.n_train, f.n_test, 7)
-    if size is None: return None
-    n, n_test, k = size
-    ev = t.get('eval_factor', 1 / 3)  # a forward pass costs about a third of a training step
-    if cell.kind == 'pretrain_mae':
-        from ssfer_lib.pretrain import pretrain_config
-        return pretrain_config(preset['stage_preset']).epochs * (n + n_test) * t.get('mae_factor', 0.55)
-    if cell.kind == 'finetune':
-        from ssfer_lib.finetune import finetune_config, finetune_epochs
-        cfg, lab = finetune_config(preset['stage_preset']), _n_labeled(cell.params, n, k)
-        e = finetune_epochs(cfg, lab)
-        return e * (lab * _MIX_IMAGES.get(cell.params.get('mix'), 1) + n_test * ev)
-    if cell.kind == 'semi':
-        from ssfer_lib.semi_train import semi_config
-        cfg, lab = semi_config(cell.params['algorithm'], preset['stage_preset']), _n_labeled(cell.params, n, k)
-        unl = cfg.steps_per_epoch * cfg.batch_size * cfg.uratio if cfg.steps_per_epoch else n - lab
-        return cfg.epochs * (unl * (1 / cfg.uratio + 1 + ev) + 2 * n_test * ev)
-    if cell.kind == 'mscl':
-        from ssfer_lib.mimic import mscl_config
-        return mscl_config(preset['stage_preset'], data=cell.params.get('data') or cell.dataset).epochs * (2 * n + n_test * ev)
-    return None
-
-def estimate_seconds(plan: Plan, status: dict) -> dict:
-    "Cell id → estimated seconds (None: unknown): a kind's seconds (finished cells' median, else the preset's), scaled by each cell's image steps."
-    t, measured = plan.grid.preset.get('timing') or {}, {}
-    for cid, (state, _) in status.items():
-        if state != 'done': continue
-        f = plan.grid.path(cid)  # the cell's wall time, papermill's kernel start included: from its start to metrics.json
-        dt = (f/'metrics.json').stat().st_mtime - json.loads((f/'run.json').read_text()).get('started', float('inf'))
-        if dt > 0: measured.setdefault(plan.grid.cells[cid].kind, []).append(dt)
-    steps = {cid: image_steps(c, plan.grid.preset) for cid, c in plan.grid.cells.items()}
-    typical = {}  # per kind: the median image steps of its cells (when every one is known)
-    for cid, c in plan.grid.cells.items(): typical.setdefault(c.kind, []).append(steps[cid])
-    typical = {k: statistics.median(v) for k, v in typical.items() if None not in v and min(v) > 0}
-    out = {}
-    for cid, c in plan.grid.cells.items():
-        scale = steps[cid] / typical[c.kind] if c.kind in typical else 1  # a per-kind time scaled by the cell's work
-        if c.kind in measured: out[cid] = statistics.median(measured[c.kind]) * scale
-        elif 'seconds_per_image_step' in t: out[cid] = None if steps[cid] is None else steps[cid] * t['seconds_per_image_step']
-        else: out[cid] = None if (s := (t.get('seconds') or {}).get(c.kind)) is None else s * scale
-    return out
-
-# %% ../nbs/52_reproduce.ipynb #bbca2b53
-def _hms(s: float | None) -> str:
-    if s is None: return '?'
-    s = int(round(s)); return f'{s // 3600}h{s % 3600 // 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
-
-def describe_plan(plan: Plan, status: dict, jobs: int = 1) -> str:
-    "The plan as text: cells with their state and estimate, totals, and why some table cells stay empty."
-    est, preset = estimate_seconds(plan, status), plan.grid.preset
-    lines = [f"preset {preset['name']}: {len(plan.tables)} table(s), {len(plan.grid.cells)} cell(s) in {plan.grid.root}"]
-    for cid in plan.grid.cells:
-        st, detail = status[cid]
-        lines.append(f'  {st:8} {_hms(est[cid]):>9}  {cid}' + (f'  ({detail})' if detail else ''))
-    counts = {s: sum(v[0] == s for v in status.values()) for s in ('done', 'missing', 'partial', 'failed', 'stale', 'running')}
-    lines.append('cells: ' + ', '.join(f'{n} {s}' for s, n in counts.items() if n))
-    todo = [c for c, (s, _) in status.items() if s in ('missing', 'partial', 'failed')]
-    known = [est[c] for c in todo if est[c] is not None]
-    gpu = 'seconds_per_image_step' in (preset.get('timing') or {})
-    total = sum(known)
-    lines.append(f'to run: {len(todo)} cell(s), estimated {_hms(total)}' + (f' = {total / 3600:.1f} GPU-hours' if gpu else '')
-                 + (f' ({len(todo) - len(known)} without an estimate)' if len(known) < len(todo) else '')
-                 + (f', ~{_hms(total / jobs)} with --jobs {jobs}' if jobs > 1 and not gpu else ''))
-    if gpu: lines.append(f"  cost model: {preset['timing'].get('source', '')}".rstrip())
-    why = {}
-    for s in plan.slots:
-        if s.reason: why.setdefault(s.reason, set()).add(s.table)
-    for t in plan.tables:  # a table without a column in the grid has no slots
-        if t.needs: why.setdefault(f'not run yet — needs {t.needs}', set()).add(t.name)
-    if why: lines.append('table cells without a run (the tables say why):')
-    lines += [f'  {", ".join(sorted(t))}: {r}' for r, t in sorted(why.items())]
-    return '\n'.join(lines)
