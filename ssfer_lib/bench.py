@@ -4,6 +4,7 @@
 
 # %% ../nbs/80_bench.ipynb #b7731e5b
 from __future__ import annotations
+import json
 import time
 from pathlib import Path
 import torch
@@ -229,18 +230,18 @@ def bench_demo(out: str | Path | None = 'outputs/bench/demo.json',  # JSON writt
                threads: int | None = 1,
               ) -> dict:
     "The demo's wall time by stage (from its runs' metrics.json) ÷ its compute floor (image-steps × bare step time, measured now)."
-    import json
     from ssfer_lib.timing import image_steps
-    by, floor_steps, n = {}, {}, 0
+    by, floor_steps, n, skipped = {}, {}, 0, []
     for p in sorted(Path(runs).glob('*/metrics.json')):
         m = json.loads(p.read_text()); cfg = m.get('provenance', {}).get('config') or {}
         sec = m['metrics'].get('seconds', m['metrics'].get('train_seconds'))
         if not cfg or sec is None: continue
+        if cfg.get('batch_size') is None or cfg.get('epochs') is None: skipped.append(p.parent.name); continue  # analysis runs
         st = run_stage(cfg); n += 1
         by[st] = by.get(st, 0.0) + sec
         c = image_steps(st, cfg, m['metrics'].get('n_labeled'))
         floor_steps[st] = floor_steps.get(st, 0) + c['train'] * (0.4 if st == 'pretrain' else 1)  # MAE's step ≤ 0.40 of a full one
-    res = dict(runs=n, wall_s_by_stage=by, target=1.3, machine=machine())
+    res = dict(runs=n, wall_s_by_stage=by, target=1.3, machine=machine(), not_counted=skipped)
     if n:
         old = torch.get_num_threads()
         if threads: torch.set_num_threads(threads)
@@ -304,7 +305,6 @@ def bench_gpu_options(out: str | Path | None = 'outputs/bench/gpu_options.json',
 def bench_summary(folder: str | Path = 'outputs/bench',  # where the `<name>.json` files are
                  ) -> str:
     "Markdown summary of the benchmark JSON files in `folder` (written to `folder/README.md`); returns it."
-    import json
     f = Path(folder); r = {p.stem: json.loads(p.read_text()) for p in sorted(f.glob('*.json')) if p.stem != 'profile'}
     def g(name, *keys):  # r[name][k1][k2]…, or None when absent
         v = r.get(name)
@@ -377,7 +377,7 @@ def bench_ddp(out: str | Path | None = 'outputs/bench/ddp.json',  # JSON written
               timeout: float = 1800,  # seconds per run
              ) -> dict:
     "DDP on `world` CPU processes (gloo, torchrun) vs one process on the same global batch: seconds per step and scaling efficiency."
-    import json, os, subprocess, sys, tempfile
+    import os, subprocess, sys, tempfile
     tmp = Path(tempfile.mkdtemp())
     def run(n):
         code = (f'from ssfer_lib.bench import ddp_bench_worker; ddp_bench_worker({str(tmp/f"w{n}.json")!r}, {size!r}, '

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from .core import atomic_write_json, read_metrics
 from .runner import FAILED, LOCK, find_notebook, record_failure, run_notebook
-from .reproduce import Cell, Grid, Plan, _hms, canonical_params, estimate_seconds
+from .reproduce import Grid, Plan, canonical_params
+from .grid_cost import _hms, estimate_seconds
 
 # %% auto #0
 __all__ = ['run_cell', 'main', 'cell_command', 'LocalLauncher', 'slurm_cell', 'SlurmLauncher', 'critical_path', 'run_grid',

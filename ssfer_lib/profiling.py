@@ -99,18 +99,22 @@ def profile_notes(profiles: dict,  # stage → `profile_stage` result
     return '\n'.join(lines + ['', PROFILE_CHANGES])
 
 PROFILE_CHANGES = """## Changes made (issue 16) and what they alter
-- `fit(eval_every=N)` (config field `eval_every`, default 1 = today): evaluates after every N-th epoch and always after the
-  last; `select`/`best.pt` and `rule_metrics` see only evaluated epochs. Changes numbers only when N > 1 (the best epoch on
-  test is picked among fewer epochs); the gain per stage is the ratio in the table above.
+- `fit(eval_every=N)` (config field `eval_every`; the stages' `demo` presets use 5): evaluates after every N-th epoch and
+  always after the last; `select`/`best.pt` and `rule_metrics` see only evaluated epochs (the best epoch on test is
+  picked among fewer epochs). The gain per stage is the ratio in the table above; evaluation is still the largest
+  non-training cost of fine-tuning, which is why figure 6 of `make bench` is highest for the fine-tuning runs.
 - Logged scalars summed as float64 tensors on the device and synced once per epoch (was one `.item()` per key per step);
   the progress bar's `loss.item()` only when the bar is shown. Pure speed: bit-identical histories and metrics.json at the
-  `test` preset (every stage compared before/after), tested in tests/test_bench.py. On CPU a `.item()` costs nothing
-  measurable (it does not appear among the top functions); the gain is on CUDA, where each one is a device sync.
-- Not changed yet: the training data loader (augmentations in the main process, `num_workers=0`) is the largest
-  non-compute cost of MAE and the EMA teacher (loader share above; `bench_loader`: loader ≈ 0.19 of a step, target 0.10);
-  workers would oversubscribe 2 cores under `--jobs`, so the fix is cheaper transforms (left open). Building SynthFaces
-  (`synth_face`) is most of each run's setup and is repeated per run (a cache across runs belongs to the data code).
-  `torch.compile` / fused AdamW: not measured; channels-last does not apply to ViT tokens."""
+  `test` preset, tested in tests/test_bench.py. On CPU a `.item()` costs nothing measurable; the gain is on CUDA, where
+  each one is a device sync.
+- Training views: `CropView` crops and resizes a batch's images in one tensor call instead of per-image PIL transforms
+  (figure 3 of `make bench`: the loader's share of a step is below its 0.10 target with `num_workers=0`, which `--jobs`
+  needs: workers would oversubscribe 2 cores).
+- SynthFaces are drawn once per (seed, size, count) and cached on disk (`synthfaces_arrays`, outputs/cache/synthfaces):
+  `synth_face` was the top Python function of every stage's setup and no longer appears among the top functions.
+- The demo itself: the grid runs 2 cells at a time with one thread each, starts the cell with the longest chain of work
+  ahead first (`critical_path`), and its sizes (a 64-wide ViT, the stages' `demo` presets) were set from per-run
+  timings; each `ssfer reproduce` appends its wall and CPU time to outputs/<preset>/invocations.jsonl."""
 
 # %% ../nbs/81_profiling.ipynb #995dd447
 def profile_stages(out: str | Path | None = 'outputs/bench/profile.md',  # Markdown written (None: not written)

@@ -57,3 +57,21 @@ def test_readme_demo_numbers_come_from_the_committed_tables():
     assert f'[{scratch}](../../runs/demo-finetune-synthfaces-pc10-none-scratch-s0/' in t11
     assert f'[{ssfer}](../../runs/demo-semi-synthfaces-pc10-ema_teacher-from-facemix-iou-L4-mae-s0/' in t10
     assert float(mae) - float(scratch) >= 10  # the demo's headline: MAE init beats scratch at 10 labels per class
+
+
+def test_readme_demo_time_comes_from_the_invocation_record():
+    "The README's demo time is the committed record of a `ssfer reproduce --preset demo` that ran every cell."
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    readme = (root/'README.md').read_text()
+    m = re.search(r'commit (\w+); the record is `outputs/demo/invocations.jsonl`\): the grid took (\d+) min (\d+) s of wall '
+                  r'time and\s+([\d,]+) s of CPU time \(user \+ sys\), (\d+) cells done, (\d+) failed', readme)
+    assert m, 'the demo time sentence is missing from the README'
+    commit, mins, secs, cpu, done, failed = m.groups()
+    runs = [json.loads(l) for l in (root/'outputs'/'demo'/'invocations.jsonl').read_text().splitlines()]
+    full = [r for r in runs if r['ran'] == r['cells'] and r['git']['commit'].startswith(commit)]
+    assert full, f'no record of a demo that ran every cell at commit {commit}'
+    r = full[-1]
+    assert (int(mins) * 60 + int(secs), int(cpu.replace(',', '')), int(done), int(failed)) == \
+           (int(r['wall_s']), round(r['cpu_s']), r['done'], r['failed'])
