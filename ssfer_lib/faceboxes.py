@@ -23,8 +23,8 @@ from .synthfaces import GENERATOR_VERSION
 
 # %% auto #0
 __all__ = ['FALLBACK_BOX', 'BOX_PROVIDERS', 'to_rgb_uint8', 'paired_iou', 'fallback_box', 'select_box', 'gt_provider',
-           'haar_provider', 'yunet_provider', 'ultralytics_env', 'yolo_provider', 'detect_boxes', 'FaceBoxes',
-           'boxes_cache_path', 'compute_boxes', 'box_quality', 'write_yolo_dataset', 'train_yolo']
+           'fallback_provider', 'haar_provider', 'yunet_provider', 'ultralytics_env', 'yolo_provider', 'detect_boxes',
+           'FaceBoxes', 'boxes_cache_path', 'compute_boxes', 'box_quality', 'write_yolo_dataset', 'train_yolo']
 
 # %% ../nbs/32_faceboxes.ipynb #b72b7318
 def to_rgb_uint8(img: Any,  # PIL image, HxW / HxWx3 uint8 array, uint8 [3,H,W] tensor, or an image path
@@ -71,7 +71,7 @@ def select_box(boxes: np.ndarray,  # [N, 4] detections (N may be 0)
         if box[2] > box[0] and box[3] > box[1]: return box, float(scores[k]), False
     return fallback_box(width, height, frac), 0.0, True
 
-# %% ../nbs/32_faceboxes.ipynb #e488910f
+# %% ../nbs/32_faceboxes.ipynb #0dcf41a6
 BOX_PROVIDERS = Registry('box provider')
 
 def _upscaled(img: np.ndarray, min_side: int) -> tuple[np.ndarray, float]:
@@ -87,6 +87,12 @@ def gt_provider() -> Callable:
         if gt is None: raise ValueError('the gt provider needs ground-truth boxes (gt=...)')
         return [(np.zeros((0, 4)), np.zeros(0)) if np.isnan(np.asarray(b, float)).any()
                 else (np.asarray(b, np.float32)[None], np.ones(1, np.float32)) for b in gt]
+    return detect
+
+@BOX_PROVIDERS.register('fallback')
+def fallback_provider() -> Callable:
+    "No detector: every image gets the fallback box (FaceMix's whole-crop comparison against detected boxes)."
+    def detect(images, gt=None): return [(np.zeros((0, 4)), np.zeros(0)) for _ in images]
     return detect
 
 @BOX_PROVIDERS.register('haar')

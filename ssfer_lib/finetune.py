@@ -26,7 +26,7 @@ __all__ = ['FINETUNE_PRESETS', 'SELECT_RULES', 'RULE_NAMES', 'MIX_TASKS', 'Finet
            'finetune_data', 'holdout_indices', 'holdout_val', 'selection_rule', 'rule_metrics', 'finetune_model',
            'finetune_task', 'finetune_run_config', 'finetune']
 
-# %% ../nbs/41_finetune.ipynb #27c3bf8f
+# %% ../nbs/41_finetune.ipynb #3ea31792
 @dataclasses.dataclass
 class FinetuneConfig(StageConfig):
     "Stage-2 (supervised fine-tuning) settings: the shared fields (SSFER's fine-tuning defaults) and the stage's own."
@@ -40,7 +40,7 @@ class FinetuneConfig(StageConfig):
     split_root: str | None = 'outputs/splits'  # saved splits (None: drawn in memory)
     norm: str = 'fer'  # 'fer' or 'imagenet' normalization
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (official code)
-    box_provider: str = 'gt'  # face boxes: 'gt', 'haar', 'yunet', 'yolo'
+    box_provider: str = 'gt'  # face boxes: 'gt', 'haar', 'yunet', 'yolo', 'fallback' (no detector: the fallback box for every face)
     box_model: str | None = None  # the yunet ONNX file or the yolo weights
     box_root: str = 'outputs/boxes'  # box cache folder
     mix: str = 'facemix'  # 'none', 'mixup', 'cutmix', 'facemix', 'mscl', 'facemix+mscl' (a name in MIX_TASKS)
@@ -70,6 +70,9 @@ FINETUNE_PRESETS = {
                       min_lr=1e-5, warmup_lr=1e-4, crop_scale=(0.5, 1.0), drop_path_rate=0.1),
     'test': dict(vit_size('test'), n_train=56, n_test=28, split_value=0.5, epochs=2, warmup_epochs=1, small_set_epochs=None,
                  batch_size=8, lr=1e-3, crop_scale=(0.5, 1.0), split_root=None),
+    'ferplus-cpu': dict(vit_size('ferplus-cpu'), data='ferplus', epochs=3, small_set_epochs=40, warmup_epochs=1, lr=1e-3,
+                        min_lr=1e-5, warmup_lr=1e-4, crop_scale=(0.5, 1.0), drop_path_rate=0.1, eval_every=20,
+                        box_provider='yunet', box_model='../shared/models/face_detection_yunet.onnx'),  # relative to the working directory
 }
 
 def finetune_config(preset: str = 'paper',  # 'paper', 'demo' or 'test'

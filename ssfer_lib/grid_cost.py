@@ -8,13 +8,12 @@ import json
 import statistics
 from .tables import paper_tables
 from .reproduce import Cell, Plan
+from .timing import MIX_IMAGES
 
 # %% auto #0
 __all__ = ['image_steps', 'estimate_seconds', 'describe_plan']
 
 # %% ../nbs/52a_grid_cost.ipynb #5d41cdd4
-_MIX_IMAGES = {'facemix': 2, 'mscl': 2, 'facemix+mscl': 2}  # images a step sees per labeled image (FaceMix: real + mixed)
-
 def _sizes() -> dict:
     "Dataset → (train, test, classes) from SSFER Table 1."
     return {r['key']: (r['values']['train'], r['values']['test'], r['values']['classes']) for r in paper_tables()['ssfer-t01']['rows']}
@@ -41,8 +40,8 @@ def image_steps(cell: Cell, preset: dict) -> float | None:
     if cell.kind == 'finetune':
         from ssfer_lib.finetune import finetune_config, finetune_epochs
         cfg, lab = finetune_config(preset['stage_preset']), _n_labeled(cell.params, n, k)
-        e = finetune_epochs(cfg, lab)
-        return e * (lab * _MIX_IMAGES.get(cell.params.get('mix'), 1) + n_test * ev)
+        e = finetune_epochs(cfg, lab); evals = -(-e // cfg.eval_every) + 1  # every eval_every-th epoch and the last, + the report's pass
+        return e * lab * MIX_IMAGES.get(cell.params.get('mix'), 1) + evals * n_test * ev
     if cell.kind == 'semi':
         from ssfer_lib.semi_train import semi_config
         cfg, lab = semi_config(cell.params['algorithm'], preset['stage_preset']), _n_labeled(cell.params, n, k)

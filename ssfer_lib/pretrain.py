@@ -20,12 +20,13 @@ from .mae import MaskedAutoencoder, MAEPretrain, reconstruct, plot_reconstructio
 __all__ = ['PRETRAIN_PRESETS', 'PretrainConfig', 'pretrain_config', 'pretrain_lr', 'build_mae', 'pretrain_run_config',
            'pretrain_data', 'pretrain']
 
-# %% ../nbs/40_pretrain.ipynb #937c29bc
+# %% ../nbs/40_pretrain.ipynb #ec62624a
 @dataclasses.dataclass
 class PretrainConfig(StageConfig):
     "Stage-1 (MAE) settings: the shared fields with the paper's pre-training values, and the MAE's own."
     data: str = 'synthfaces'  # unlabeled pool: 'synthfaces' (generated) or 'folder' (every image under data_root)
     data_root: str | None = None  # the folder for data='folder'
+    subfolder: str | None = None  # data='folder': read only this subfolder of data_root (e.g. FERPlus's training images); None: all of it
     n_train: int = 2000  # SynthFaces training images (the fine-tuning stages' training set; labels unused)
     n_unlabeled: int = 0  # extra SynthFaces pool images (other identities)
     norm: str = 'fer'  # normalization, as in fine-tuning
@@ -59,6 +60,8 @@ PRETRAIN_PRESETS = {
                       epochs=60, warmup_epochs=5, batch_size=64, blr=4e-3),
     'test': dict(vit_size('test'), n_train=56, decoder_depth=1, decoder_dim=32, decoder_heads=2, epochs=2,
                  warmup_epochs=1, batch_size=8, blr=1e-3),
+    'ferplus-cpu': dict(vit_size('ferplus-cpu'), subfolder='FER2013Train', decoder_depth=1, decoder_dim=64, decoder_heads=2,
+                        epochs=12, warmup_epochs=2, batch_size=64, blr=4e-3, crop_scale=(0.5, 1.0)),
 }
 
 # %% ../nbs/40_pretrain.ipynb #6ff01dda
@@ -79,7 +82,7 @@ def build_mae(cfg: PretrainConfig) -> MaskedAutoencoder:
                              decoder_depth=cfg.decoder_depth, decoder_dim=cfg.decoder_dim, decoder_heads=cfg.decoder_heads,
                              norm_pix_loss=cfg.norm_pix_loss, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads)
 
-# %% ../nbs/40_pretrain.ipynb #4e59c41d
+# %% ../nbs/40_pretrain.ipynb #aa9c4a3e
 def pretrain_run_config(preset: str = 'paper',  # a name in PRETRAIN_PRESETS
                         **params,  # PretrainConfig fields (None: the preset's value); an unknown name is an error
                        ) -> PretrainConfig:
@@ -88,11 +91,13 @@ def pretrain_run_config(preset: str = 'paper',  # a name in PRETRAIN_PRESETS
     cfg = pretrain_config(preset, **check_fields(PretrainConfig, given(params)))
     if cfg.data == 'folder' and not (cfg.data_root and Path(cfg.data_root).is_dir()):
         raise FileNotFoundError(f'data folder needs data_root, a folder of face images; got {cfg.data_root!r}')
+    if cfg.data == 'folder' and cfg.subfolder and not (Path(cfg.data_root)/cfg.subfolder).is_dir():
+        raise FileNotFoundError(f'subfolder {cfg.subfolder!r}: no such folder in data_root {cfg.data_root!r}')
     check_choice('data', cfg.data, ('synthfaces', 'folder')); check_choice('norm', cfg.norm, NORMS)
     check_vit(cfg)
     return cfg
 
-# %% ../nbs/40_pretrain.ipynb #9ddea561
+# %% ../nbs/40_pretrain.ipynb #e391f783
 def pretrain_data(cfg: PretrainConfig,
                   n_show: int = 8,  # held-out images for figures
                  ) -> dict:
@@ -100,7 +105,8 @@ def pretrain_data(cfg: PretrainConfig,
     from ssfer_lib.datasets import stage_datasets
     if cfg.data not in ('synthfaces', 'folder'): raise NotImplementedError(f'data={cfg.data!r}: pre-training reads synthfaces or a folder of faces (data=folder, data_root=...)')
     folder = cfg.data == 'folder'  # one split, 'all', and no test split: its first images are shown
-    d = stage_datasets(cfg.data, cfg.data_root, n_train=cfg.n_train, n_test=n_show, n_unlabeled=cfg.n_unlabeled, seed=cfg.seed,
+    root = Path(cfg.data_root)/cfg.subfolder if folder and cfg.subfolder and cfg.data_root else cfg.data_root
+    d = stage_datasets(cfg.data, root, n_train=cfg.n_train, n_test=n_show, n_unlabeled=cfg.n_unlabeled, seed=cfg.seed,
                        size=cfg.img_size, train_split='all' if folder else 'train', test_split=None if folder else 'test',
                        use_labels=False, pool='one', norm=cfg.norm, crop_scale=tuple(cfg.crop_scale),
                        cache_root=None)  # a folder's images are decoded when used, at their own size

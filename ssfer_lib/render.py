@@ -15,6 +15,7 @@ from .tables import TableSpec, paper_tables, paper_value, read_path
 from .reproduce import Plan, grid_datasets, grid_status, load_preset, plan_grid
 from .grid_cost import describe_plan
 from .launch import grid_summary, run_grid, select_cells
+from .reading import PAPER_SCALE, reading_markdown
 
 # %% auto #0
 __all__ = ['RULE_MARKS', 'RULE_LEGEND', 'FIGURES', 'metric_value', 'table_cells', 'table_rows', 'networks_note', 'md_table',
@@ -185,6 +186,7 @@ def _caption(plan: Plan, spec: TableSpec) -> str:
     cite = f"{t['paper'].upper()} Table {t['number']} (§{t['section']}): {t['caption']}" if t else spec.title
     metric = t['metric'] if t else spec.metric
     stand = f"; {p['stand_in']} stands in for every dataset (one run fills the columns of all)" if p.get('stand_in') else ''
+    stand += '' if p.get('stage_preset') == 'paper' else f"; the paper's scale differs: {PAPER_SCALE}"
     kinds = {plan.grid.cells[s.cell].kind for s in plan.slots if s.table == spec.name and s.cell}
     own = [f"{k}: {', '.join(f'{n} {v}' for n, v in q.items())}" for k, q in (p.get('notebook_params') or {}).items() if k in kinds and q]
     sets = f" Preset {p['name']} sets " + '; '.join(own) + '.' if own else ''  # what the preset shrinks
@@ -245,6 +247,8 @@ def render_all(plan: Plan,  # from `plan_grid`
     states = grid_status(plan.grid)
     metrics, tdir, rdir = _read(plan, states), root/'tables'/preset, root/preset
     md_all, report, shown = [], [], set()
+    reading = reading_markdown(plan, metrics)  # which of the paper's orderings hold (53a_reading); '' before any pair ran
+    if reading: atomic_write_text(tdir/'reading.md', reading)
     for spec in plan.tables:
         md, tex = render_table(plan, spec, metrics, states, tdir)
         atomic_write_text(tdir/f'{spec.name}.md', md); atomic_write_text(tdir/f'{spec.name}.tex', tex)
@@ -268,7 +272,7 @@ def render_all(plan: Plan,  # from `plan_grid`
             f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} by `{command or 'ssfer reproduce --preset ' + preset}` "
             f"from the metrics.json of the runs in `{plan.grid.root}`: " + ', '.join(f'{n} {s}' for s, n in counts.items()) + '.\n\n')
     atomic_write_text(root/'tables'/f'{preset}.md', f'# Tables, preset `{preset}`\n\n' + '\n'.join(md_all))
-    atomic_write_text(rdir/'REPORT.md', head + '\n'.join(report))
+    atomic_write_text(rdir/'REPORT.md', head + (reading + '\n' if reading else '') + '\n'.join(report))
     return dict(tables=tdir, all=root/'tables'/f'{preset}.md', report=rdir/'REPORT.md')
 
 # %% ../nbs/54_render.ipynb #77d1d548

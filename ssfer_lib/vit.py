@@ -33,7 +33,7 @@ def create_vit(model: str = 'vit_base_patch16_224',  # any timm `vit_*` name
     return timm.create_model(model, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
                              global_pool=global_pool, drop_path_rate=drop_path_rate, **kwargs)
 
-# %% ../nbs/30_vit.ipynb #7d86894e
+# %% ../nbs/30_vit.ipynb #40a27e41
 VIT_SIZES = {
     'paper': dict(model='vit_base_patch16_224', img_size=224),
     # demo: 8 × 8 patches of 4 px, 4 blocks 64 wide: a training step takes 1/2.1 of demo-full's 96-wide one (1 thread,
@@ -41,6 +41,7 @@ VIT_SIZES = {
     'demo': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2),
     'demo-full': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4, depth=4, embed_dim=96, num_heads=3),
     'test': dict(model='vit_tiny_patch16_224', img_size=16, patch_size=4, depth=2, embed_dim=48, num_heads=3),
+    'ferplus-cpu': dict(model='vit_tiny_patch16_224', img_size=48, patch_size=6, depth=4, embed_dim=128, num_heads=2),
 }
 
 def vit_size(name: str) -> dict:

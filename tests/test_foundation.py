@@ -85,4 +85,4 @@ def test_cli_errors_are_one_line(tmp_path):
     r = ssfer('run', str(tmp_path/'toy.ipynb'), '-p', 'epoch', '3', '--root', str(tmp_path/'runs'))
     assert r.returncode == 2 and r.stderr.strip() == "ssfer: error: unknown parameter 'epoch' for toy.ipynb (did you mean 'epochs'?); its parameters: epochs, out_dir"
     r = ssfer('reproduce', '--preset', 'nope')
-    assert r.returncode == 2 and r.stderr.strip() == "ssfer: error: unknown preset 'nope'; choose one of: demo, demo-full, paper, smoke"
+    assert r.returncode == 2 and r.stderr.strip() == "ssfer: error: unknown preset 'nope'; choose one of: demo, demo-full, ferplus-cpu, paper, smoke"
