@@ -29,7 +29,9 @@ def verdict(diffs: list[float],  # A − B of each seed (paired), in points
     "'holds' when the mean difference exceeds one s.d. of the per-seed differences, 'reversed' when below minus one s.d., else within the spread."
     if relation not in ('>', '≥'): raise ValueError(f"relation must be '>' or '≥', got {relation!r}")
     m = sum(diffs) / len(diffs)
-    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0  # one seed: by the sign alone
+    if len(diffs) == 1:  # no spread to judge a difference by: say which way it went, no verdict
+        return f"A {'higher' if m > 0 else 'lower' if m < 0 else 'equal'} (one seed: not judged)"
+    sd = statistics.stdev(diffs)
     if m > sd: return 'holds'
     if m < -sd: return 'reversed'
     return 'holds as a tie (within the seed spread)' if relation == '≥' else 'not resolved (within the seed spread)'
@@ -101,8 +103,9 @@ def reading_markdown(plan: Plan,  # from `plan_grid`
             f"Ours: preset `{p['name']}`, stage preset `{p['stage_preset']}`" + (f", {p['stand_in']} standing in for every dataset" if p.get('stand_in') else '')
             + f"; the paper: {PAPER_SCALE}: a different scale, so its differences say which way, not how much. Each comparison pairs "
             "the two rows' runs by seed (same labeled split); A − B is the mean ± s.d. of the per-seed differences in accuracy "
-            "points, under the table's metric. *holds*: the mean difference exceeds one s.d. of the per-seed differences "
-            "(one seed: its sign); *reversed*: below minus one s.d.; otherwise within the seed spread.\n\n")
+            "points, under the table's metric. *holds*: the mean difference exceeds one s.d. of the per-seed differences; "
+            "*reversed*: below minus one s.d.; otherwise within the seed spread. With one seed there is no spread: the "
+            "difference's sign is shown, not judged.\n\n")
     table = ['| ordering (A vs B) | table · column | A: mean ± s.d. (seeds) | B: mean ± s.d. (seeds) | A − B, ours (paired seeds) '
              '| A − B, paper | verdict |', '|---|---|---|---|---|---|---|']
     for o in rows:
