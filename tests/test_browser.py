@@ -1,7 +1,7 @@
 """A real browser: JupyterLab (headless, localhost, random port and token) opens the FaceMix playground in headless
 Chromium (Debian's `chromium`, driven by playwright), runs all cells, waits for the kernel, checks that no cell shows an
-error and takes a screenshot (the mixed image and its κ) into the test's folder, or into $SSFER_SCREENSHOTS when set
-(`SSFER_SCREENSHOTS=outputs/screenshots` refreshes the committed one; a test run never rewrites tracked files)."""
+error and saves outputs/screenshots/facemix_playground.png (the mixed image and its κ; $SSFER_SCREENSHOTS names another
+folder, e.g. a temporary one when the committed screenshot should stay as it is)."""
 import os, secrets, shutil, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
@@ -64,8 +64,8 @@ def _wait_for_kernel(page, lab_log, timeout: float, all_cells_run: bool):
                 f'dialog {s["dialog"]!r}; JupyterLab log: ' + lab_log.read_text()[-2000:])
 
 
-def test_facemix_playground_in_jupyterlab(lab, tmp_path):
-    shot = Path(os.environ.get('SSFER_SCREENSHOTS') or tmp_path)/'facemix_playground.png'
+def test_facemix_playground_in_jupyterlab(lab):
+    shot = Path(os.environ.get('SSFER_SCREENSHOTS') or REPO/'outputs'/'screenshots')/'facemix_playground.png'
     from playwright.sync_api import sync_playwright
     url, token, lab_log = lab
     with sync_playwright() as p:
