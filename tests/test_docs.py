@@ -128,6 +128,11 @@ def test_explore_notebook_runs(name, tmp_path):
     assert len(params) == 1  # the parameters cell papermill overrides
     for k in TINY[name]: assert re.search(rf'^{k} = ', ''.join(params[0]['source']), re.M), k
     os.environ.setdefault('PYTHONPATH', str(REPO))
-    out = docs.run_explore(src, tmp_path/f'{name}.ipynb', TINY[name])
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    try: out = docs.run_explore(src, tmp_path/f'{name}.ipynb', TINY[name], timeout=600)
+    except (CellTimeoutError, DeadKernelError) as e:  # a kernel reply papermill never received (nteract/papermill#711):
+        import warnings                               # once in CI the client waited forever on an idle kernel; run again
+        warnings.warn(f'{name}: {type(e).__name__} ({str(e)[:200]}); running it again')
+        out = docs.run_explore(src, tmp_path/f'{name}.ipynb', TINY[name], timeout=600)
     assert docs.error_outputs(out) == []
     assert sum('image/png' in o.get('data', {}) for c in out.cells for o in c.get('outputs', [])) >= 2

@@ -100,14 +100,15 @@ def executed(path: Path, cache: Path) -> Path:
     return dst
 
 
-def run_explore(path: Path, out: Path | None = None, parameters: dict | None = None) -> dict:
+def run_explore(path: Path, out: Path | None = None, parameters: dict | None = None, timeout: float | None = None) -> dict:
     """Execute an explore notebook with papermill (in its folder), keep it without papermill's and widgets' metadata:
-    the cell after each widget draws the default choice, so the stored page shows every figure without a kernel."""
+    the cell after each widget draws the default choice, so the stored page shows every figure without a kernel.
+    `timeout`: seconds a cell may take (None: no limit) — a lost kernel reply then fails instead of waiting forever."""
     import papermill as pm
     env_backend = os.environ.pop('MPLBACKEND', None)  # the kernel's inline backend captures the figures
     try:
         nb = pm.execute_notebook(str(path), str(out or path), parameters=parameters or {}, kernel_name='python3',
-                                 language='python', cwd=str(path.parent), progress_bar=False)
+                                 language='python', cwd=str(path.parent), progress_bar=False, execution_timeout=timeout)
     finally:
         if env_backend is not None: os.environ['MPLBACKEND'] = env_backend
     nb.metadata.pop('papermill', None); nb.metadata.pop('widgets', None)
