@@ -37,7 +37,7 @@ def test_one_paper_preset_cell_runs_a_few_steps_on_cpu(tmp_path):
     "The paper's FaceMix fine-tuning (ViT-B/16, 224 px, from the paper's MAE cell) for 2 steps, its MAE for 1, on CPU."
     code = 'import sys; from ssfer_lib.cli import main; sys.exit(main(sys.argv[1:]))'
     args = ['reproduce', '--preset', 'paper', '--set', 'stand_in', 'synthfaces', '--datasets', 'rafdb', '--tables', 'table_13',
-            '--cells', '*finetune-*-r0.1-facemix-iou-L4-*', '--root', str(tmp_path/'out'),
+            '--cells', '*finetune-*-r0.1-facemix-iou-L4-mae-*', '--root', str(tmp_path/'out'),
             '-p', 'max_steps', '2', '-p', 'batch_size', '4', '-p', 'n_train', '70', '-p', 'n_test', '14']
     import ssfer_lib  # the child imports the library under test
     env = os.environ | {'PYTHONPATH': str(Path(ssfer_lib.__file__).resolve().parents[1]), 'OMP_NUM_THREADS': '2'}
