@@ -12,7 +12,7 @@ def _numbers(md):
     for line in md.split('\n'):
         for cell in line.split(' | ')[1:]:
             files = re.findall(r'\[ⓟ\]\(([^)]+)\)', cell)
-            if files: out.append((float(re.search(r'(\d+\.\d+)', cell).group(1)), files))
+            if files: out.append((float(re.search(r'(\d+(?:\.\d+)?)', cell).group(1)), files))  # 2 decimals, or a count
     return out
 
 
