@@ -6,7 +6,6 @@
 from __future__ import annotations
 import datetime as _dt
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from .tables import TableSpec, paper_tables, paper_value, read_path
 from .reproduce import Plan, grid_datasets, grid_status, load_preset, plan_grid
 from .grid_cost import describe_plan
 from .launch import grid_summary, run_grid, select_cells
-from .reading import PAPER_SCALE, reading_markdown
+from .reading import PAPER_SCALE, _mean_sd, reading_markdown
 
 # %% auto #0
 __all__ = ['RULE_MARKS', 'RULE_LEGEND', 'FIGURES', 'metric_value', 'table_cells', 'table_rows', 'networks_note', 'md_table',
@@ -43,10 +42,6 @@ def metric_value(m: dict,  # a run's metrics (metrics.json `metrics`)
 
 # %% ../nbs/54_render.ipynb #7c386d37
 def _fmt(v: float | None, d: int = 2) -> str: return '' if v is None else f'{v:.{d}f}'
-
-def _mean_sd(vs: list[float]) -> tuple[float, float | None]:
-    mean = sum(vs) / len(vs)
-    return mean, (math.sqrt(sum((v - mean) ** 2 for v in vs) / (len(vs) - 1)) if len(vs) > 1 else None)
 
 def _value(m: dict, spec: TableSpec, row, col) -> tuple[float | None, str | None]:
     "(number as shown, selection rule; '' for none) of a slot's run: the row's field of a field column, else the metric."
