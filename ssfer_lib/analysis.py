@@ -98,6 +98,9 @@ ANALYSIS_PRESETS = {
     'demo': dict(n_train=700, n_test=350, epochs=15, semi_epochs=2, budget=6, n_wolves=3, n_images=128),
     'demo-full': dict(n_train=700, n_test=350, epochs=15, semi_epochs=2, budget=6, n_wolves=3, n_images=128),
     'test': dict(n_train=70, n_test=28, epochs=2, semi_epochs=1, budget=3, n_wolves=3, n_images=8),
+    # real FERPlus on a 2-core CPU (presets/ferplus-cpu.yaml): the stages' ferplus-cpu schedules; a pack of 3 wolves
+    # moved once (6 stage-2 runs) and 1,000 attacked test faces (our choices, for the preset's time budget)
+    'ferplus-cpu': dict(budget=6, n_wolves=3, n_images=1000),
 }
 
 def analysis_config(cls,  # KFoldConfig, NoiseConfig, GWOConfig or RobustnessConfig

@@ -21,7 +21,9 @@ ORDERINGS = (  # (claim, table, row A, relation, rows B): A should beat (>) or m
     ('EMA teacher > stage 3 on labeled images only (ours)', 'table_12', 'ema-teacher', '>', ('supervised',)),
     ('EMA teacher > FixMatch', 'table_12', 'ema-teacher', '>', ('fixmatch',)),
     ('κ from IoU best', 'table_14', 'iou', '>', ('psnr', 'ssim', 'fsim')),
-)
+) + tuple(('a semi-supervised method > stage 3 on labeled images only (Table 3, ours)', 'table_03', a, '>', ('supervised',))
+          for a in ('ssfer', 'pi-model', 'pseudo-label', 'mean-teacher', 'vat', 'uda', 'mixmatch', 'remixmatch', 'fixmatch',
+                    'flexmatch', 'freematch', 'softmatch', 'comatch', 'ccssl'))
 
 def verdict(diffs: list[float],  # A − B of each seed (paired), in points
             relation: str,  # '>' or '≥'

@@ -20,7 +20,7 @@ __all__ = ['PRESETS_DIR', 'PRESET_KEYS', 'READER_OF', 'ROOT_OF', 'preset_names',
 
 # %% ../nbs/52_reproduce.ipynb #deaa45af
 PRESETS_DIR = Path(__file__).resolve().parent.parent/'presets' if '__file__' in globals() else Path('../presets').resolve()
-PRESET_KEYS = ('description', 'stage_preset', 'stand_in', 'datasets', 'data_roots', 'labels', 'rows', 'columns', 'seeds', 'inits',
+PRESET_KEYS = ('description', 'stage_preset', 'stand_in', 'datasets', 'data_roots', 'labels', 'rows', 'columns', 'extra_datasets', 'seeds', 'inits',
                'params', 'notebook_params', 'tables', 'skip_tables', 'timing', 'slurm')
 
 def preset_names() -> list[str]: return sorted(p.stem for p in PRESETS_DIR.glob('*.yaml'))
@@ -114,6 +114,9 @@ def table_columns(spec: TableSpec, preset: dict, datasets: list[Dataset]) -> lis
                 meas = f"f1:{c['label'].lower()}" if c.get('measure') == 'f1_class' else None
                 head = c['label'] if c.get('measure') else f"{_DATASET_NAMES.get(ds, ds)} {label_text(lab)}".strip()
                 out.append(Column(ds, lab, c['key'], meas, head))
+    extra = [d for d in _choice(preset, 'extra_datasets', spec) or [] if d in given]
+    for d in extra:  # a dataset the paper's table lacks (Table 3 on FERPlus): ours alone, at the preset's label settings
+        out += [Column(d, lab, header=f'{_DATASET_NAMES.get(d, d)} {label_text(lab)} (not in the paper)') for lab in wanted or []]
     return out
 
 _DATASET_NAMES = {'rafdb': 'RAF-DB', 'ferplus': 'FERPlus', 'ferplus7': 'FERPlus-7', 'affectnet7': 'AffectNet-7',

@@ -29,8 +29,10 @@ def mini_ferplus(root: Path, out: Path) -> Path:
 
 
 # one seed and one label setting per table (25 per class where stage 3 runs, 10 % for the mixing and κ tables): every
-# table, row and code path of the preset in 19 cells, under 5 minutes on 2 idle cores
-SETS = [('seeds', '{default: [0]}'), ('labels.ssfer-t10', '[pc25]'), ('labels.ssfer-t11', '[pc25]'), ('labels.ssfer-t12', '[pc25]'),
+# row and code path of the stage tables in 19 cells, under 5 minutes on 2 idle cores (Table 3's fourteen SSL methods and
+# the analysis tables are planned by test_ferplus_cpu_plan; each of their notebooks is tested on SynthFaces)
+STAGE_TABLES = '[ssfer-t10, ssfer-t11, ssfer-t12, ssfer-t13, ssfer-t14]'
+SETS = [('tables', STAGE_TABLES), ('seeds', '{default: [0]}'), ('labels.ssfer-t10', '[pc25]'), ('labels.ssfer-t11', '[pc25]'), ('labels.ssfer-t12', '[pc25]'),
         ('labels.ssfer-t13', '[r0.1]'), ('labels.ssfer-t14', '[r0.1]')]
 
 
@@ -72,3 +74,21 @@ def test_ferplus_cpu_preset_tiny(ferplus_root, yunet_path, tmp_path):
     reading = (tdir/'reading.md').read_text()
     assert 'FaceMix ≥ Mixup' in reading and 'κ from IoU best' in reading and 'a different scale' in reading
     assert (tmp_path/'out'/'ferplus-cpu'/'REPORT.md').read_text().count("## Reading: which of the paper's orderings hold") == 1
+
+
+def test_ferplus_cpu_plan():
+    """The whole preset, planned without data: Table 3 runs every SSL method at 25 labels per class on FERPlus from one
+    stage-2 model, and the analysis tables (5, 6, 7, 8, 16) have their cells."""
+    from ssfer_lib.semi import SSL_ALGORITHMS
+    preset = load_preset('ferplus-cpu')
+    plan = plan_grid(preset, 'outputs', grid_datasets(preset, None, {'ferplus': '/nowhere/ferplus'}))
+    cells = plan.grid.cells.values()
+    t3 = {s.cell for s in plan.slots if s.table == 'table_03' and s.cell}
+    algos = {plan.grid.cells[c].params['algorithm'] for c in t3}
+    assert algos == set(SSL_ALGORITHMS) - {'dtm'}, algos  # the 11 of the paper, SSFER's EMA teacher, supervised, FreeMatch, SoftMatch
+    assert all('-ferplus-pc25-' in c for c in t3) and len({plan.grid.cells[c].deps for c in t3}) == 1  # one stage-2 start
+    kinds = {c.kind for c in cells}
+    assert {'kfold', 'label_noise', 'gwo', 'robustness', 'complexity'} <= kinds, kinds
+    assert all(c.params.get('data') == 'ferplus' for c in cells if c.kind in ('kfold', 'label_noise', 'gwo', 'robustness'))
+    for t in ('table_05', 'table_06', 'table_07', 'table_08', 'table_16'):
+        assert any(s.cell for s in plan.slots if s.table == t), t
