@@ -17,8 +17,8 @@ from .launch import grid_summary, run_grid, select_cells
 from .reading import PAPER_SCALE, _mean_sd, reading_markdown
 
 # %% auto #0
-__all__ = ['RULE_MARKS', 'RULE_LEGEND', 'FIGURES', 'metric_value', 'table_cells', 'table_rows', 'networks_note', 'md_table',
-           'tex_table', 'render_table', 'render_all', 'record_invocation', 'reproduce']
+__all__ = ['RULE_MARKS', 'RULE_LEGEND', 'FIGURES', 'COPIED', 'metric_value', 'table_cells', 'table_rows', 'networks_note',
+           'md_table', 'tex_table', 'render_table', 'render_all', 'record_invocation', 'reproduce']
 
 # %% ../nbs/54_render.ipynb #f3943e69
 RULE_MARKS = {'best_test': 'ᵇ', 'last': 'ˡ', 'val_selected': 'ᵛ'}
@@ -211,6 +211,15 @@ def render_table(plan: Plan, spec: TableSpec, metrics: dict, states: dict, base:
 # %% ../nbs/54_render.ipynb #2e851540
 FIGURES = ('reconstruction.png', 'loss.png', 'confusion.png', 'pseudo_labels.png', 'thresholds.png', 'folds.png',
            'accuracy_vs_eps.png', 'attack.png', 'gwo.png', 'complexity.png')  # the analysis runs' figures last
+COPIED = ('reconstruction.png', 'folds.png', 'accuracy_vs_eps.png', 'attack.png', 'gwo.png', 'complexity.png')  # one per run, few
+# runs: copied to <report folder>/figures/ so that a committed report shows them; the per-run curves stay in the run folders
+
+def _figure(src: Path, rdir: Path, cell: str) -> Path:
+    "The path the report links for a run's figure: a copy beside the report for `COPIED` figures, else the run's own file."
+    if src.name not in COPIED: return src
+    dst = rdir/'figures'/f'{cell}-{src.name}'
+    if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime: atomic_write(dst, lambda fh: fh.write(src.read_bytes()))
+    return dst
 
 def _tsne(plan: Plan, spec: TableSpec, metrics: dict, path: Path) -> Path | None:
     "MIMIC's Fig. 7: t-SNE of the test features of the CE, CE + SCL and CE + MSCL runs (first column, first seed)."
@@ -259,7 +268,8 @@ def render_all(plan: Plan,  # from `plan_grid`
             for up in dict.fromkeys(chain):
                 if up in shown or up not in metrics: continue
                 shown.add(up)
-                figs += [f'![{up}: {f[:-4]}]({_rel(plan.grid.path(up)/f, rdir)})' for f in FIGURES if (plan.grid.path(up)/f).exists()]
+                figs += [f'![{up}: {f[:-4]}]({_rel(_figure(plan.grid.path(up)/f, rdir, up), rdir)})' for f in FIGURES
+                         if (plan.grid.path(up)/f).exists()]
         report.append(rmd + (f'\n<details><summary>figures of its runs</summary>\n\n' + '\n'.join(figs) + '\n\n</details>\n' if figs else ''))
     counts = {}
     for s, _ in states.values(): counts[s] = counts.get(s, 0) + 1
