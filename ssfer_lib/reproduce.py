@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from .core import text_hash
 from .config import did_you_mean
-from .runner import find_notebook, library_fingerprint, notebook_parameters, parse_value, run_state
+from .runner import ANALYSIS_NOTEBOOKS, find_notebook, library_fingerprint, notebook_parameters, parse_value, run_state
 from .tables import TABLES, Row, TableSpec, label_code, label_text, paper_tables, split_params, table_spec
 
 # %% auto #0
@@ -213,7 +213,7 @@ def canonical_params(grid: Grid, cell: Cell) -> dict:
     root = str(grid.root.resolve())
     rel = lambda v: '@runs' + v[len(root):] if isinstance(v, str) and v.startswith(root) else v
     full = {k: v for k, v in _params_of(cell.notebook).items() if k != 'out_dir'} | cell.params
-    return {k: rel(v) for k, v in full.items()} | library_fingerprint(grid.preset.get('stage_preset', ''))
+    return {k: rel(v) for k, v in full.items()} | library_fingerprint(grid.preset.get('stage_preset', ''), cell.kind in ANALYSIS_NOTEBOOKS)
 
 def assign_keys(grid: Grid) -> Grid:
     "Set every cell's key (cells are added after their upstream cells, so one pass in order suffices)."

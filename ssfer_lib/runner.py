@@ -19,9 +19,9 @@ from .core import Interrupted, stop_on_signal, stop_requested
 from .config import did_you_mean
 
 # %% auto #0
-__all__ = ['EXPERIMENTS_DIR', 'RESULT_FILES', 'FAILED', 'LOCK', 'LOCK_TIMEOUT', 'find_notebook', 'notebook_parameters',
-           'parse_value', 'run_name', 'check_run_root', 'experiment_configs', 'check_run_config', 'run_notebook',
-           'record_failure', 'run_state', 'library_fingerprint']
+__all__ = ['EXPERIMENTS_DIR', 'RESULT_FILES', 'FAILED', 'LOCK', 'LOCK_TIMEOUT', 'ANALYSIS_NOTEBOOKS', 'find_notebook',
+           'notebook_parameters', 'parse_value', 'run_name', 'check_run_root', 'experiment_configs', 'check_run_config',
+           'run_notebook', 'record_failure', 'run_state', 'library_fingerprint']
 
 # %% ../nbs/50_runner.ipynb #82e89662
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent/'nbs'/'experiments' if '__file__' in globals() else Path('experiments').resolve()
@@ -229,8 +229,11 @@ def run_state(out: str | Path,  # a run folder
     return 'missing', ''
 
 # %% ../nbs/50_runner.ipynb #2b82abc6
+ANALYSIS_NOTEBOOKS = ('kfold', 'label_noise', 'gwo', 'robustness')  # the experiment notebooks that read ANALYSIS_PRESETS
+
 @lru_cache(maxsize=8)
 def library_fingerprint(stage_preset: str,  # the `preset` parameter the cells pass to their stage
+                        analysis: bool = False,  # the cell is an analysis notebook's: the analysis sizes count too
                        ) -> dict:
     "Short hashes of what a cell's result depends on beyond its parameters (see above)."
     import dataclasses, ssfer_lib
@@ -243,6 +246,7 @@ def library_fingerprint(stage_preset: str,  # the `preset` parameter the cells p
     h = lambda o: text_hash(json.dumps(o, sort_keys=True, default=str), 10)
     presets = [PRETRAIN_PRESETS, FINETUNE_PRESETS, SEMI_PRESETS, MSCL_PRESETS, ANALYSIS_PRESETS]
     configs = (PretrainConfig, FinetuneConfig, SemiConfig, MSCLConfig, KFoldConfig, NoiseConfig, GWOConfig, RobustnessConfig)
-    return {'@stage_presets': h([p.get(stage_preset) for p in presets]),
+    # a stage cell does not read the analysis sizes: their slot holds None, so adding them to a preset stales no stage run
+    return {'@stage_presets': h([p.get(stage_preset) for p in presets[:-1]] + [ANALYSIS_PRESETS.get(stage_preset) if analysis else None]),
             '@config_defaults': h([dataclasses.asdict(c()) for c in configs] + [SEMI_RECIPES, DATA_DEFAULTS]),
             '@synthfaces': GENERATOR_VERSION, '@ssfer': ssfer_lib.__version__}
