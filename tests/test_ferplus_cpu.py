@@ -92,3 +92,5 @@ def test_ferplus_cpu_plan():
     assert all(c.params.get('data') == 'ferplus' for c in cells if c.kind in ('kfold', 'label_noise', 'gwo', 'robustness'))
     for t in ('table_05', 'table_06', 'table_07', 'table_08', 'table_16'):
         assert any(s.cell for s in plan.slots if s.table == t), t
+    t9 = [s for s in plan.slots if s.table == 'table_09']  # Adience is not here: every slot says what it needs, none runs
+    assert t9 and not any(s.cell for s in t9) and all('needs data: adience' in s.reason for s in t9 if s.reason)
