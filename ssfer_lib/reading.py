@@ -93,16 +93,17 @@ def _boxes(plan: Plan, metrics: dict) -> list[str]:
     return [f"`{row}` (boxes: {provider}): fallback box on " + ', '.join(f'{100 * r:.1f} % of {n:,}' for r, n in sorted(v))
             + ' training faces' for (row, provider), v in out.items()]
 
-def _pseudo(plan: Plan, metrics: dict) -> list[str]:
-    "One line per Table 3 run: the share of unlabeled faces it trained on and its guesses' accuracy at its last epoch."
-    out, seen = [], set()
-    for s in plan.slots:
-        m = metrics.get(s.cell, {}) if s.table == 'table_03' and s.cell not in seen else {}
+def _unlabeled(plan: Plan, metrics: dict) -> list[str]:
+    "Markdown table rows: per table, row and column, the semi-supervised runs' last-epoch share of unlabeled faces trained on and guess accuracy."
+    groups, seen = {}, set()
+    for s in plan.slots:  # a run shown in several tables (or a stand-in's one run in every column) is said once, first
+        m = metrics.get(s.cell, {})
         rate, acc = m.get('last/train/mask_rate'), m.get('last/pl/acc_all')
-        if rate is None or acc is None: continue
-        seen.add(s.cell)  # a stand-in's one run fills every column: said once
-        out.append(f"`{s.row}` (seed {s.seed}): {100 * rate:.0f} % of the unlabeled faces, guesses {100 * acc:.1f} % right")
-    return out
+        if rate is None or acc is None or s.cell in seen: continue
+        seen.add(s.cell)
+        groups.setdefault((s.table, s.row, s.column.header), []).append((rate, acc))
+    return [f"| {t} · `{r}` · {h} | {_fmt(_mean_sd(100 * a for a, _ in v), len(v))} | {_fmt(_mean_sd(100 * b for _, b in v))} |"
+            for (t, r, h), v in groups.items()]
 
 def reading_markdown(plan: Plan,  # from `plan_grid`
                      metrics: dict,  # cell id → its metrics.json `metrics` (finished runs)
@@ -129,8 +130,9 @@ def reading_markdown(plan: Plan,  # from `plan_grid`
         v = [o['verdict'] for o in rows if o['claim'] == claim]
         tally.append(f"- **{claim}**: " + ', '.join(f'{k} in {v.count(k)} of {len(v)}' for k in dict.fromkeys(v)))
     boxes = _boxes(plan, metrics)
-    pseudo = _pseudo(plan, metrics)
+    unl = _unlabeled(plan, metrics)
     return (head + '\n'.join(table) + '\n\n' + '\n'.join(tally) + '\n'
             + ('\nFaceMix\'s face boxes: ' + '; '.join(boxes) + '.\n' if boxes else '')
-            + ("\nTable 3's unlabeled faces at each method's last epoch (the share it trained on: above its threshold, or all "
-               "for a method without one; how many of its guesses match their hidden labels): " + '; '.join(pseudo) + '.\n' if pseudo else ''))
+            + ('\nThe unlabeled faces at each semi-supervised run\'s last epoch: the share it trained on (above its threshold, '
+               'or all of them for a method without one) and how many of its guesses match their hidden labels (%, mean ± s.d. '
+               'over seeds):\n\n| table · row · column | trained on (seeds) | guesses right |\n|---|---|---|\n' + '\n'.join(unl) + '\n' if unl else ''))
