@@ -96,11 +96,11 @@ def _boxes(plan: Plan, metrics: dict) -> list[str]:
 def _unlabeled(plan: Plan, metrics: dict) -> list[str]:
     "Markdown table rows: per table, row and column, the semi-supervised runs' last-epoch share of unlabeled faces trained on and guess accuracy."
     groups, seen = {}, set()
-    for s in plan.slots:  # a run shown in several tables (or a stand-in's one run in every column) is said once, first
-        m = metrics.get(s.cell, {})
+    for s in plan.slots:  # dataset columns only; a stand-in's one run filling every column of a row is said once, in the first
+        m = metrics.get(s.cell, {}) if not s.column.field and (s.table, s.row, s.cell) not in seen else {}
         rate, acc = m.get('last/train/mask_rate'), m.get('last/pl/acc_all')
-        if rate is None or acc is None or s.cell in seen: continue
-        seen.add(s.cell)
+        if rate is None or acc is None: continue
+        seen.add((s.table, s.row, s.cell))
         groups.setdefault((s.table, s.row, s.column.header), []).append((rate, acc))
     return [f"| {t} · `{r}` · {h} | {_fmt(_mean_sd(100 * a for a, _ in v), len(v))} | {_fmt(_mean_sd(100 * b for _, b in v))} |"
             for (t, r, h), v in groups.items()]
