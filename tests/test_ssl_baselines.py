@@ -508,3 +508,31 @@ def test_semi_train_runs_every_baseline_and_logs_its_diagnostics(name, tmp_path)
     n_train = sum(1 for k in ck['model'] if k.startswith('model.')) - 0  # every student tensor is a parameter (timm ViT: no buffers)
     n_heads = sum(1 for k in ck['model'] if k.startswith('heads.'))
     assert n_opt == n_train + n_heads  # the projection / rotation heads are trained too
+
+
+# ---------------------------------------------------------------- eight classes (FERPlus)
+
+@pytest.mark.parametrize('name', BASELINES + ['fixmatch', 'ema_teacher', 'dtm'])
+def test_every_method_takes_eight_classes(name):
+    "FERPlus has 8 classes: every method trains a step on them, counts its guesses per class, and its thresholds are 8."
+    C = 8
+    torch.manual_seed(0); net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, C))
+    task = SSL_ALGORITHMS[name](net, C, **(dict(num_unlabeled=16) if name == 'flexmatch' else {}))
+    out = task(_batch(nl=16, nu=16, shape=(3, 4, 4), c=C))
+    assert torch.isfinite(out['loss']); out['loss'].backward()
+    assert net[-1].weight.grad is not None and net[-1].weight.grad.abs().sum() > 0
+    rec = task.after_epoch(0)
+    assert {f'pl/count_{c}' for c in range(C)} <= set(rec)
+    assert len([k for k in rec if k.startswith('ssl/tau_') and k[8:].isdigit()]) in (0, C)
+
+
+def test_flexmatch_learns_the_eighth_class():
+    "A model confident in class 7 on every unlabeled face: FlexMatch records it, and only class 7's threshold rises (to τ)."
+    C, tau = 8, 0.95
+    lin = nn.Linear(8, C); nn.init.zeros_(lin.weight); nn.init.zeros_(lin.bias)
+    with torch.no_grad(): lin.bias[7] = 10.0  # p(7) ≈ 0.9994 > τ everywhere
+    task = FlexMatch(lin, C, tau=tau, num_unlabeled=8)
+    assert torch.equal(task.thresholds(), torch.zeros(C))  # nothing learned: every threshold 0
+    task(_batch(c=C))
+    assert torch.equal(task.state, torch.full((8,), 7))
+    torch.testing.assert_close(task.thresholds(), torch.tensor([0.0] * 7 + [tau]))  # β(7) = 8/max(8, 0) = 1: M(1)·τ = τ
