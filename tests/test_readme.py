@@ -75,3 +75,18 @@ def test_readme_demo_time_comes_from_the_invocation_record():
     r = full[-1]
     assert (int(mins) * 60 + int(secs), int(cpu.replace(',', '')), int(done), int(failed)) == \
            (int(r['wall_s']), round(r['cpu_s']), r['done'], r['failed'])
+
+
+def test_readme_mimic_numbers_come_from_the_committed_tables():
+    "Every percentage the README's MIMIC paragraph quotes is in one of the demo tables it names (no hand-typed number)."
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    readme = (root/'README.md').read_text()
+    par = re.search(r'What `make demo` shows \(`outputs/tables/demo/mimic_02\.md`.*?\n\n', readme, re.S)
+    assert par, 'the MIMIC paragraph of the README is missing'
+    tables = ' '.join((root/'outputs'/'tables'/'demo'/f).read_text() for f in ('mimic_02.md', 'mimic_03.md', 'table_13.md'))
+    numbers = re.findall(r'\b\d+\.\d\d\b', par.group(0))
+    assert len(numbers) >= 10, numbers
+    missing = [n for n in numbers if not re.search(rf'\[{re.escape(n)}\]|\b{re.escape(n)}[ᵇˡᵛ]', tables)]
+    assert not missing, f'README numbers not in the demo tables: {missing}'
