@@ -244,9 +244,9 @@ def library_fingerprint(stage_preset: str,  # the `preset` parameter the cells p
     from ssfer_lib.mimic import DATA_DEFAULTS, MSCL_PRESETS, MSCLConfig
     from ssfer_lib.analysis import ANALYSIS_PRESETS, GWOConfig, KFoldConfig, NoiseConfig, RobustnessConfig
     h = lambda o: text_hash(json.dumps(o, sort_keys=True, default=str), 10)
-    presets = [PRETRAIN_PRESETS, FINETUNE_PRESETS, SEMI_PRESETS, MSCL_PRESETS, ANALYSIS_PRESETS]
+    stages = [PRETRAIN_PRESETS, FINETUNE_PRESETS, SEMI_PRESETS, MSCL_PRESETS]
     configs = (PretrainConfig, FinetuneConfig, SemiConfig, MSCLConfig, KFoldConfig, NoiseConfig, GWOConfig, RobustnessConfig)
     # a stage cell does not read the analysis sizes: their slot holds None, so adding them to a preset stales no stage run
-    return {'@stage_presets': h([p.get(stage_preset) for p in presets[:-1]] + [ANALYSIS_PRESETS.get(stage_preset) if analysis else None]),
+    return {'@stage_presets': h([p.get(stage_preset) for p in stages] + [ANALYSIS_PRESETS.get(stage_preset) if analysis else None]),
             '@config_defaults': h([dataclasses.asdict(c()) for c in configs] + [SEMI_RECIPES, DATA_DEFAULTS]),
             '@synthfaces': GENERATOR_VERSION, '@ssfer': ssfer_lib.__version__}
