@@ -36,8 +36,8 @@ def _lin(seed=0):
     torch.manual_seed(seed); return nn.Linear(8, 3)
 
 
-def _net(seed=0):
-    torch.manual_seed(seed); return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 3))
+def _net(seed=0, c=3):
+    torch.manual_seed(seed); return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, c))
 
 
 def _parts(b):
@@ -516,7 +516,7 @@ def test_semi_train_runs_every_baseline_and_logs_its_diagnostics(name, tmp_path)
 def test_every_method_takes_eight_classes(name):
     "FERPlus has 8 classes: every method trains a step on them, counts its guesses per class, and its thresholds are 8."
     C = 8
-    torch.manual_seed(0); net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, C))
+    net = _net(c=C)
     task = SSL_ALGORITHMS[name](net, C, **(dict(num_unlabeled=16) if name == 'flexmatch' else {}))
     out = task(_batch(nl=16, nu=16, shape=(3, 4, 4), c=C))
     assert torch.isfinite(out['loss']); out['loss'].backward()
